@@ -1,0 +1,135 @@
+"""The BIDS App command line: arguments -> Config -> a level's run; user errors -> one line and an exit code.
+
+`build_parser()` only describes the command line (one option per field of the config sections, in
+snake_case and kebab-case); `parse_args()` returns a validated Config and does every cross-check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import types
+import typing
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Literal, NoReturn
+
+from . import __version__
+from .config import Config, build_config, field_types
+from .errors import AppError, ExitCode, MissingInputError, UnknownLevelError, UsageError
+
+LEVELS = ("participant", "group")
+log = logging.getLogger("clinicadl_app")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="clinicadl-app",
+        description="Deep learning on brain MRI, from a BIDS dataset to trained and evaluated networks.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("bids_dir", type=Path, help="the input BIDS dataset")
+    parser.add_argument("output_dir", type=Path, help="where the CAPS, reports and results are written")
+    parser.add_argument("analysis_level", metavar="{participant,group}", help="which level to run")
+    parser.add_argument("-v", "--version", action="version", version=f"clinicadl-app {__version__}")
+    parser.add_argument(
+        "--config", type=Path, default=None, metavar="FILE",
+        help="TOML file with one table per section below; the command line wins over it",
+    )
+    for section, cls in Config.SECTIONS.items():
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        group = parser.add_argument_group(f"[{section}]", doc)
+        kinds = field_types(cls)
+        for f in fields(cls):
+            _add_option(group, section, f.name, kinds[f.name], f.default, f.metadata)
+    return parser
+
+
+def _add_option(group: Any, section: str, name: str, kind: Any, default: Any, meta: Any) -> None:
+    flags = [f"--{name}"]
+    if "_" in name:
+        flags.append(f"--{name.replace('_', '-')}")
+    flags += list(meta.get("flags", ()))
+    kwargs: dict[str, Any] = {"dest": f"{section}.{name}", "default": argparse.SUPPRESS, "help": meta["help"]}
+    if default not in (None, (), False):
+        kwargs["help"] += f" (default: {' '.join(map(str, default)) if isinstance(default, tuple) else default})"
+    kwargs["metavar"] = meta.get("metavar") or name.upper()
+    base = _strip_optional(kind)
+    if base is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+        del kwargs["metavar"]
+    else:
+        if typing.get_origin(base) is tuple:
+            kwargs["nargs"] = "+"
+            base = typing.get_args(base)[0]
+        if typing.get_origin(base) is Literal:
+            choices = typing.get_args(base)
+            kwargs["choices"] = choices
+            kwargs["type"] = type(choices[0])
+            kwargs.pop("metavar", None)
+        else:
+            kwargs["type"] = base
+    group.add_argument(*flags, **kwargs)
+
+
+def _strip_optional(kind: Any) -> Any:
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return kind
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    namespace = build_parser().parse_args(argv)
+    level = namespace.analysis_level
+    if level not in LEVELS:
+        raise UnknownLevelError(f"unknown analysis level '{level}'; use one of: {', '.join(LEVELS)}")
+    values: dict[str, dict[str, Any]] = {}
+    for dest, value in vars(namespace).items():
+        if "." in dest:
+            section, name = dest.split(".", 1)
+            values.setdefault(section, {})[name] = value
+    bids_dir = namespace.bids_dir.expanduser().absolute()
+    output_dir = namespace.output_dir.expanduser().absolute()
+    if not bids_dir.is_dir():
+        raise MissingInputError(f"{bids_dir}: BIDS folder not found; check the first argument")
+    if output_dir == bids_dir:
+        raise UsageError(f"{output_dir}: the output folder must differ from the BIDS folder")
+    if bids_dir in output_dir.parents and (bids_dir / "derivatives") not in [output_dir, *output_dir.parents]:
+        raise UsageError(f"{output_dir}: an output folder inside the BIDS folder must be under derivatives/")
+    return build_config(bids_dir, output_dir, level, values, namespace.config)
+
+
+def setup_logging(config: Config) -> None:
+    execution = config.execution
+    level = logging.DEBUG if execution.verbose else logging.WARNING if execution.quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s", "%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = parse_args(argv)
+        setup_logging(config)
+        if config.analysis_level == "participant":
+            from .participant import run
+
+            return int(run(config))
+        raise UsageError("the group level is not implemented yet in this version; run the participant level")
+    except AppError as error:
+        print(f"clinicadl-app: error: {error.message}", file=sys.stderr)
+        return int(error.exit_code)
+    except KeyboardInterrupt:
+        print("clinicadl-app: interrupted; completed outputs are kept and a rerun resumes", file=sys.stderr)
+        return 130
+    except SystemExit as exit_:  # --help and --version
+        return int(exit_.code or ExitCode.OK)

@@ -1,0 +1,258 @@
+"""Settings as typed, frozen sections; one definition serves the command line, the TOML file and the record.
+
+Each section is a TOML table of the same name. Values come from the defaults here, then the file
+given with --config, then the command line; the effective result is saved beside the outputs
+(logs/config-*.toml) and can be given back to --config to rerun.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import tomli_w
+
+from .errors import MissingInputError, UsageError
+
+Mode = Literal["image", "patch", "roi", "slice"]
+MODES: tuple[str, ...] = typing.get_args(Mode)
+
+
+def option(default: Any, help: str, *, flags: tuple[str, ...] = (), metavar: str | None = None) -> Any:
+    """A dataclass field that also describes its command-line option."""
+    return field(default=default, metadata={"help": help, "flags": flags, "metavar": metavar})
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How and on what to run; nothing here changes a result."""
+
+    participant_label: tuple[str, ...] = option(
+        (), "participants to process (with or without 'sub-'); default all", metavar="LABEL"
+    )
+    session_label: tuple[str, ...] = option(
+        (), "sessions to process (with or without 'ses-'); default all", metavar="LABEL"
+    )
+    bids_filter_file: Path | None = option(
+        None, 'JSON file of BIDS entities narrowing the T1w query, as fMRIPrep: {"t1w": {"acquisition": "mprage"}}'
+    )
+    skip_bids_validator: bool = option(False, "do not run the BIDS validator on BIDS_DIR")
+    n_cpus: int = option(0, "CPUs to use (0: all available)", flags=("--nprocs", "--nthreads"))
+    work_dir: Path | None = option(None, "folder for temporary files (default: a temporary folder)", flags=("-w",))
+    caps_dir: Path | None = option(
+        None, "CAPS to read t1-linear images from and write tensors to (default: OUTPUT_DIR/caps)"
+    )
+    overwrite: bool = option(False, "redo subjects whose outputs are already complete")
+    verbose: bool = option(False, "log debugging details")
+    quiet: bool = option(False, "log warnings and errors only")
+
+    def __post_init__(self) -> None:
+        if self.n_cpus < 0:
+            raise ValueError("--n_cpus must be 0 (all) or a positive number")
+        if self.verbose and self.quiet:
+            raise ValueError("--verbose and --quiet cannot be used together")
+
+    @property
+    def cpus(self) -> int:
+        available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return self.n_cpus or available
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """t1-linear: N4 bias correction, affine registration to MNI152NLin2009cSym, crop to 169x208x179."""
+
+    uncropped_image: bool = option(False, "also keep the uncropped 193x229x193 image in the CAPS")
+    qc_threshold: float = option(
+        0.3, "minimum correlation with the template in the brain for an image to pass the quality check"
+    )
+    seed: int = option(0, "seed of the registration's random sampling")
+
+    def __post_init__(self) -> None:
+        if not -1.0 <= self.qc_threshold <= 1.0:
+            raise ValueError("--qc_threshold is a correlation: it must lie between -1 and 1")
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """Tensors cut out of the preprocessed images, as ClinicaDL's prepare-data writes them."""
+
+    modes: tuple[Mode, ...] = option(("image",), "tensor modes to extract", metavar="MODE")
+    use_uncropped_image: bool = option(False, "extract from the uncropped image (needs --uncropped_image)")
+    patch_size: int = option(50, "patch side in voxels (patch mode)")
+    stride_size: int = option(50, "distance between patches in voxels (patch mode)")
+    slice_direction: Literal[0, 1, 2] = option(0, "slice axis: 0 sagittal, 1 coronal, 2 axial (slice mode)")
+    slice_mode: Literal["rgb", "single"] = option("rgb", "rgb: 3 identical channels; single: 1 channel")
+    discarded_slices: tuple[int, ...] = option(
+        (20,), "slices dropped at the start and end of the axis: one number, or two (start end)"
+    )
+    roi_list: tuple[str, ...] = option(
+        ("leftHippocampusBox", "rightHippocampusBox"),
+        "regions to extract (roi mode): built-in leftHippocampus, rightHippocampus, leftHippocampusBox, "
+        "rightHippocampusBox, or the name of a --roi_masks file",
+        metavar="ROI",
+    )
+    roi_masks: tuple[Path, ...] = option(
+        (), "user masks on the MNI152NLin2009cSym 1 mm grid, named *_roi-<name>_mask.nii.gz", metavar="FILE"
+    )
+    roi_uncrop_output: bool = option(False, "keep ROI tensors at image size instead of the mask's bounding box")
+
+    def __post_init__(self) -> None:
+        if not self.modes:
+            raise ValueError("--modes needs at least one of " + ", ".join(MODES))
+        if self.patch_size < 1 or self.stride_size < 1:
+            raise ValueError("--patch_size and --stride_size must be positive")
+        if not 1 <= len(self.discarded_slices) <= 2 or min(self.discarded_slices) < 0:
+            raise ValueError("--discarded_slices takes one or two non-negative numbers")
+        if "roi" in self.modes and not self.roi_list:
+            raise ValueError("roi mode needs --roi_list")
+
+    @property
+    def discard(self) -> tuple[int, int]:
+        first = self.discarded_slices[0]
+        return first, self.discarded_slices[-1]
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything one invocation was asked to do."""
+
+    bids_dir: Path
+    output_dir: Path
+    analysis_level: str
+    execution: Execution = field(default_factory=Execution)
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    extraction: Extraction = field(default_factory=Extraction)
+
+    SECTIONS: ClassVar[dict[str, type]] = {
+        "execution": Execution,
+        "preprocessing": Preprocessing,
+        "extraction": Extraction,
+    }
+
+    @property
+    def caps_dir(self) -> Path:
+        return self.execution.caps_dir or self.output_dir / "caps"
+
+    def to_toml(self) -> str:
+        tables = {name: _plain(asdict(getattr(self, name))) for name in self.SECTIONS}
+        head = {"bids_dir": str(self.bids_dir), "output_dir": str(self.output_dir)}
+        return tomli_w.dumps({"run": {**head, "analysis_level": self.analysis_level}, **tables})
+
+
+def build_config(
+    bids_dir: Path,
+    output_dir: Path,
+    analysis_level: str,
+    cli_values: dict[str, dict[str, Any]],
+    config_file: Path | None = None,
+) -> Config:
+    """Merge defaults < config file < command line into a validated Config (UsageError otherwise)."""
+    file_values = read_config_file(config_file) if config_file else {}
+    sections = {}
+    for name, cls in Config.SECTIONS.items():
+        merged = {**file_values.get(name, {}), **cli_values.get(name, {})}
+        try:
+            sections[name] = cls(**{key: coerce(cls, key, value) for key, value in merged.items()})
+        except (ValueError, TypeError) as error:
+            raise UsageError(f"[{name}] {error}") from None
+    return Config(bids_dir=bids_dir, output_dir=output_dir, analysis_level=analysis_level, **sections)
+
+
+def read_config_file(path: Path) -> dict[str, dict[str, Any]]:
+    """Read a TOML configuration; relative paths in it are taken relative to the file's folder."""
+    if not path.is_file():
+        raise MissingInputError(f"{path}: configuration file not found; check the --config path")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise UsageError(f"{path}: not valid TOML ({error}); fix the file or remove --config") from None
+    data.pop("run", None)  # the record of a previous run: positional arguments are given again
+    known = Config.SECTIONS
+    out: dict[str, dict[str, Any]] = {}
+    for table, values in data.items():
+        if table not in known or not isinstance(values, dict):
+            raise UsageError(f"{path}: unknown table [{table}]; known tables: {', '.join(known)}")
+        names = {f.name for f in fields(known[table])}
+        for key in values:
+            if key not in names:
+                raise UsageError(f"{path}: unknown key '{key}' in [{table}]; known keys: {', '.join(sorted(names))}")
+        out[table] = {key: _relative_to(path.parent, known[table], key, value) for key, value in values.items()}
+    return out
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def coerce(cls: type, name: str, value: Any) -> Any:
+    """Convert a TOML or command-line value to the field's declared type, naming the field on failure."""
+    if name not in {f.name for f in fields(cls)}:
+        raise ValueError(f"unknown setting '{name}'")
+    return _coerce(field_types(cls)[name], value, name)
+
+
+def _coerce(kind: Any, value: Any, name: str) -> Any:
+    origin = typing.get_origin(kind)
+    args = typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, name)
+    if origin is tuple:
+        items = value if isinstance(value, list | tuple) else [value]
+        return tuple(_coerce(args[0], item, name) for item in items)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{name} must be one of {', '.join(map(str, args))}, not {value!r}")
+        return value
+    if kind is Path:
+        return Path(value)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, not {value!r}")
+        return value
+    if kind in (int, float):
+        if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and value != int(value)):
+            raise ValueError(f"{name} must be a number ({kind.__name__}), not {value!r}")
+        return kind(value)
+    if kind is str:
+        return str(value)
+    return value
+
+
+def _relative_to(folder: Path, cls: type, key: str, value: Any) -> Any:
+    kind = field_types(cls).get(key)
+    if kind is None:
+        return value
+    if Path in _leaf_types(kind):
+        if isinstance(value, list):
+            return [str(folder / v) for v in value]
+        if isinstance(value, str):
+            return str(folder / value)
+    return value
+
+
+def _leaf_types(kind: Any) -> set[Any]:
+    args = typing.get_args(kind)
+    return {kind} if not args else set().union(*(_leaf_types(a) for a in args))
+
+
+def _plain(values: dict[str, Any]) -> dict[str, Any]:
+    """TOML has no None and no Path: drop unset values, write paths as strings."""
+    out = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, tuple | list):
+            value = [str(v) if isinstance(v, Path) else v for v in value]
+        elif isinstance(value, Path):
+            value = str(value)
+        out[key] = value
+    return out

@@ -1,0 +1,59 @@
+"""Errors a user can cause, each with its exit code (BIDS execution spec draft + sysexits).
+
+Anything that is not an `AppError` is a bug and ends with a traceback and exit code 1.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    VALIDATION_FAILED = 16
+    UNKNOWN_LEVEL = 17
+    NO_DATA = 18
+    USAGE = 64
+    DATA_ERROR = 65  # some subjects (or images) failed; the run prints who and why
+    MISSING_INPUT = 66
+    CANNOT_WRITE = 73
+
+
+class AppError(Exception):
+    """An error the user can fix; printed as one line, never as a traceback."""
+
+    exit_code = ExitCode.USAGE
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class UsageError(AppError):
+    exit_code = ExitCode.USAGE
+
+
+class UnknownLevelError(AppError):
+    exit_code = ExitCode.UNKNOWN_LEVEL
+
+
+class ValidationFailed(AppError):
+    exit_code = ExitCode.VALIDATION_FAILED
+
+
+class NoDataError(AppError):
+    exit_code = ExitCode.NO_DATA
+
+
+class MissingInputError(AppError):
+    exit_code = ExitCode.MISSING_INPUT
+
+
+class InputDataError(AppError):
+    """An input file exists but cannot be used (corrupt, wrong dimensionality, NaNs...)."""
+
+    exit_code = ExitCode.DATA_ERROR
+
+
+class OutputError(AppError):
+    exit_code = ExitCode.CANNOT_WRITE

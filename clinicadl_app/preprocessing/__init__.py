@@ -1,0 +1,1 @@
+"""Participant-level image processing: t1-linear and its quality check."""

@@ -1,0 +1,39 @@
+"""The templates bundled with the package (see data/LICENSES.md); nothing is downloaded at run time."""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+MNI_T1 = "tpl-MNI152NLin2009cSym_res-1_T1w.nii.gz"
+MNI_BRAIN_MASK = "tpl-MNI152NLin2009cSym_res-1_desc-brain_mask.nii.gz"
+COLIN_T1_2MM = "tpl-Colin27_res-2_T1w.nii.gz"
+COLIN_TO_MNI = "from-Colin27_to-MNI152NLin2009cSym_mode-image_xfm.mat"
+
+GRID_SHAPE = (193, 229, 193)
+"""The MNI152NLin2009cSym 1 mm grid Clinica's t1-linear resamples onto (origin -96, -132, -78 mm)."""
+CROP = (slice(12, 181), slice(13, 221), slice(0, 179))
+"""Clinica's crop box on that grid; it gives ClinicaDL's 169x208x179 input."""
+CROPPED_SHAPE = (169, 208, 179)
+
+
+def path(name: str) -> Path:
+    """Bundled files live on disk inside the installed package (a wheel or the container image)."""
+    return Path(str(resources.files("clinicadl_app") / "data" / "templates" / name))
+
+
+@cache
+def image(name: str):  # -> ants.ANTsImage
+    import ants
+
+    return ants.image_read(str(path(name)), pixeltype="float")
+
+
+def cropped_affine(affine: np.ndarray) -> np.ndarray:
+    """Affine of the crop box: the same space, origin moved to the box's first voxel."""
+    shift = np.eye(4)
+    shift[:3, 3] = [CROP[0].start, CROP[1].start, CROP[2].start]
+    return affine @ shift
