@@ -17,7 +17,8 @@ from .caps import CapsImage
 from .errors import OutputError
 
 BIDS_VERSION = "1.9.0"
-_IGNORED = ("caps/", "reports/", "logs/", "splits/", "maps/", "work/")
+# no trailing slash: bids-validator-deno 3 does not match "dir/" against the folder itself
+_IGNORED = ("caps", "reports", "logs", "splits", "maps", "work")
 
 
 def container() -> dict[str, str] | None:

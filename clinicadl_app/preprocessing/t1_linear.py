@@ -147,6 +147,20 @@ def register(n4, work_dir: Path, seed: int, search: bool = False) -> Path:
     return Path(brain[0])
 
 
+def transform_matrix(path: Path) -> np.ndarray:
+    """The 4x4 matrix (ITK LPS millimetres) of an ANTs affine file: template point -> subject point."""
+    import ants
+
+    transform = ants.read_transform(str(path))
+    parameters = np.asarray(transform.parameters, dtype=float)
+    centre = np.asarray(transform.fixed_parameters, dtype=float)
+    linear, translation = parameters[:9].reshape(3, 3), parameters[9:12]
+    matrix = np.eye(4)
+    matrix[:3, :3] = linear
+    matrix[:3, 3] = translation + centre - linear @ centre
+    return matrix
+
+
 def run_t1_linear(path: Path, work_dir: Path, seed: int = 0, qc_threshold: float = 0.3) -> Registered:
     """Preprocess one scan; work_dir holds ANTs' intermediate files and must be private to this call."""
     import ants

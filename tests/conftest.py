@@ -1,0 +1,49 @@
+"""Shared test data: real scans shipped with the project (demo/bids, tests/data), arranged per test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "demo" / "bids"
+RAW2MM = Path(__file__).resolve().parent / "data" / "raw2mm"
+DEMO_SUBJECTS = sorted(p.name for p in DEMO.glob("sub-*"))
+
+
+def make_bids(root: Path, layout: dict[str, Path], participants: str | None = None) -> Path:
+    """A BIDS dataset whose files are copies of real scans: {'sub-A/ses-1/anat/sub-A_ses-1_T1w.nii.gz': src}."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dataset_description.json").write_text('{"Name": "test", "BIDSVersion": "1.9.0"}\n')
+    for relative, source in layout.items():
+        target = root / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+    if participants:
+        (root / "participants.tsv").write_text(participants)
+    return root
+
+
+def demo_scan(subject: str) -> Path:
+    return DEMO / subject / "anat" / f"{subject}_T1w.nii.gz"
+
+
+def run_app(*args: str | Path, check: bool = False, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """run.py in a subprocess, as a user would call it."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *map(str, args)],
+        capture_output=True, text=True, env={**os.environ, **(env or {})}, check=False,
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(f"exit {done.returncode}\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+@pytest.fixture(scope="session")
+def demo_bids() -> Path:
+    return DEMO

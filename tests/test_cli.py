@@ -1,0 +1,118 @@
+"""Command line and configuration: spellings, precedence, validation and exit codes (no image processing)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from clinicadl_app import __version__
+from clinicadl_app.cli import build_parser, main, parse_args
+from clinicadl_app.config import Config, read_config_file
+from clinicadl_app.errors import ExitCode, UsageError
+
+from .conftest import DEMO, ROOT, run_app
+
+
+def test_version_is_the_version_file(capsys):
+    assert main(["-v"]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed == f"clinicadl-app {__version__}"
+    assert __version__ == (ROOT / "version").read_text().strip()
+
+
+def test_snake_and_kebab_spellings_are_the_same_option(tmp_path):
+    snake = parse_args([str(DEMO), str(tmp_path), "participant", "--n_cpus", "3", "--participant_label", "01"])
+    kebab = parse_args([str(DEMO), str(tmp_path), "participant", "--n-cpus", "3", "--participant-label", "01"])
+    alias = parse_args([str(DEMO), str(tmp_path), "participant", "--nprocs", "3", "--participant-label", "01"])
+    assert snake == kebab == alias
+    assert snake.execution.n_cpus == 3
+
+
+def test_config_file_is_overridden_by_command_line(tmp_path):
+    config = tmp_path / "experiment.toml"
+    config.write_text('[extraction]\nmodes = ["patch", "slice"]\npatch_size = 32\n[execution]\nn_cpus = 2\n')
+    parsed = parse_args([str(DEMO), str(tmp_path / "out"), "participant", "--config", str(config), "--patch_size", "40"])
+    assert parsed.extraction.modes == ("patch", "slice")
+    assert parsed.extraction.patch_size == 40  # command line wins
+    assert parsed.execution.n_cpus == 2  # file beats default
+
+
+def test_saved_config_round_trips(tmp_path):
+    first = parse_args([str(DEMO), str(tmp_path / "out"), "participant", "--modes", "roi", "--roi_list", "leftHippocampus",
+                        "--discarded_slices", "10", "30", "--work_dir", str(tmp_path / "w")])
+    record = tmp_path / "record.toml"
+    record.write_text(first.to_toml())
+    again = parse_args([str(DEMO), str(tmp_path / "out"), "participant", "--config", str(record)])
+    assert again == first
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "fragment"),
+    [
+        (["participant", "--patch_size", "0"], ExitCode.USAGE, "patch_size"),
+        (["participant", "--modes", "voxel"], ExitCode.USAGE, "invalid choice"),
+        (["participant", "--no-such-option"], ExitCode.USAGE, "unrecognized"),
+        (["subject"], ExitCode.UNKNOWN_LEVEL, "unknown analysis level"),
+        (["participant", "--verbose", "--quiet"], ExitCode.USAGE, "--quiet"),
+        (["participant", "--discarded_slices", "1", "2", "3"], ExitCode.USAGE, "discarded_slices"),
+    ],
+)
+def test_usage_errors_are_one_line_with_their_exit_code(tmp_path, capsys, argv, code, fragment):
+    assert main([str(DEMO), str(tmp_path / "out"), *argv]) == code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and fragment in err and "Traceback" not in err
+
+
+def test_missing_bids_folder_is_exit_66(tmp_path, capsys):
+    assert main([str(tmp_path / "nope"), str(tmp_path / "out"), "participant"]) == ExitCode.MISSING_INPUT
+    assert "nope" in capsys.readouterr().err
+
+
+def test_output_inside_bids_outside_derivatives_is_refused(tmp_path):
+    with pytest.raises(UsageError, match="derivatives"):
+        parse_args([str(DEMO), str(DEMO / "out"), "participant"])
+
+
+def test_bad_config_file_names_file_and_key(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[extraction]\npatch_sise = 3\n")
+    with pytest.raises(UsageError, match="patch_sise"):
+        read_config_file(bad)
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[extraction\n")
+    with pytest.raises(UsageError, match="broken.toml"):
+        read_config_file(broken)
+    wrong_type = tmp_path / "type.toml"
+    wrong_type.write_text('[extraction]\npatch_size = "big"\n')
+    with pytest.raises(UsageError, match="patch_size"):
+        parse_args([str(DEMO), str(tmp_path / "o"), "participant", "--config", str(wrong_type)])
+
+
+def test_relative_paths_in_config_are_relative_to_the_file(tmp_path):
+    (tmp_path / "conf").mkdir()
+    config = tmp_path / "conf" / "c.toml"
+    config.write_text('[execution]\nwork_dir = "scratch"\n')
+    parsed = parse_args([str(DEMO), str(tmp_path / "o"), "participant", "--config", str(config)])
+    assert parsed.execution.work_dir == tmp_path / "conf" / "scratch"
+
+
+def test_every_config_field_has_an_option_and_help():
+    parser = build_parser()
+    options = {s for action in parser._actions for s in action.option_strings}
+    for cls in Config.SECTIONS.values():
+        for name in cls.__dataclass_fields__:
+            assert f"--{name}" in options and f"--{name.replace('_', '-')}" in options
+
+
+def test_group_level_not_yet_implemented_is_usage_error(tmp_path):
+    done = run_app(DEMO, tmp_path / "out", "group")
+    assert done.returncode == ExitCode.USAGE
+    assert "not implemented" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_help_lists_every_section():
+    help_text = build_parser().format_help()
+    for section in Config.SECTIONS:
+        assert f"[{section}]" in help_text
+    assert Path(ROOT / "run.py").exists()

@@ -1,0 +1,186 @@
+"""The participant level end to end on real scans: concurrent jobs into one folder, resumable reruns,
+CAPS layout and tensors as ClinicaDL writes them, QC, reports, and a valid BIDS derivative."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from clinicadl_app.caps import Caps, CapsImage
+from clinicadl_app.preprocessing import templates
+from clinicadl_app.validation import validator_command
+
+from .conftest import DEMO_SUBJECTS, ROOT, demo_scan, make_bids, run_app
+
+MODES = ("image", "patch", "roi", "slice")
+pytestmark = pytest.mark.slow
+
+
+def moved_copy(source: Path, target: Path, degrees: float) -> Path:
+    """The same head turned by `degrees` about the z axis: a second visit in another position."""
+    img = nib.load(str(source))
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    turn = np.array([[c, -s, 0, 5], [s, c, 0, -8], [0, 0, 1, 3], [0, 0, 0, 1.0]])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), turn @ img.affine, img.header), str(target))
+    return target
+
+
+@pytest.fixture(scope="module")
+def sessions_bids(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sessions")
+    a, b = DEMO_SUBJECTS[0], DEMO_SUBJECTS[1]
+    bids = make_bids(root / "bids", {
+        "sub-01/ses-M000/anat/sub-01_ses-M000_T1w.nii.gz": demo_scan(a),
+        "sub-02/ses-M000/anat/sub-02_ses-M000_T1w.nii.gz": demo_scan(b),
+        "sub-02/ses-M012/anat/sub-02_ses-M012_T1w.nii.gz": demo_scan(b),
+    }, participants="participant_id\tage\nsub-01\t60\nsub-02\t65\n")
+    moved_copy(demo_scan(a), bids / "sub-01/ses-M012/anat/sub-01_ses-M012_T1w.nii.gz", 12)
+    return bids
+
+
+@pytest.fixture(scope="module")
+def run_two_jobs(sessions_bids, tmp_path_factory):
+    """Two invocations (array jobs) writing into one OUTPUT_DIR at the same time."""
+    out = tmp_path_factory.mktemp("out") / "derivatives"
+    common = [str(ROOT / "run.py"), str(sessions_bids), str(out), "participant", "--n_cpus", "1",
+              "--modes", *MODES, "--uncropped_image"]
+    jobs = [subprocess.Popen([sys.executable, *common, "--participant_label", label],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for label in ("01", "02")]
+    results = [(job.wait(), job.stderr.read()) for job in jobs]
+    return out, results
+
+
+def caps_images(out: Path) -> list[CapsImage]:
+    images, problems = Caps(out / "caps").index()
+    assert not problems
+    return images
+
+
+def test_concurrent_jobs_both_succeed(run_two_jobs):
+    out, results = run_two_jobs
+    for code, stderr in results:
+        assert code == 0, stderr
+    assert len(caps_images(out)) == 4
+
+
+def test_images_on_the_cropped_template_grid_with_passing_qc(run_two_jobs):
+    out, _ = run_two_jobs
+    caps = Caps(out / "caps")
+    template = nib.load(str(templates.path(templates.MNI_T1)))
+    expected_affine = templates.cropped_affine(template.affine)
+    for image in caps_images(out):
+        cropped = nib.load(str(caps.t1_linear(image)))
+        assert cropped.shape == (169, 208, 179)
+        assert np.allclose(cropped.affine, expected_affine)
+        assert nib.load(str(caps.t1_linear(image, cropped=False))).shape == (193, 229, 193)
+        sidecar = json.loads(caps.sidecar(image).read_text())
+        assert sidecar["SkullStripped"] is False and sidecar["SpatialReference"] == "MNI152NLin2009cSym"
+        assert sidecar["QualityCheck"]["correlation"] >= 0.3 and sidecar["QualityCheck"]["passed"]
+        assert caps.transform(image).stat().st_size > 0
+    table = pd.read_csv(caps.qc_table, sep="\t")
+    assert len(table) == 4 and table["pass"].all()
+
+
+def test_longitudinal_sessions_agree(run_two_jobs):
+    """The same head in another position lands on the same place of the template."""
+    out, _ = run_two_jobs
+    caps = Caps(out / "caps")
+    first, second = (nib.load(str(caps.t1_linear(CapsImage("sub-01", ses, f"sub-01_{ses}")))).get_fdata()
+                     for ses in ("ses-M000", "ses-M012"))
+    mask = first > np.percentile(first, 60)
+    assert np.corrcoef(first[mask], second[mask])[0, 1] > 0.95
+
+
+def test_tensors_have_clinicadl_names_and_shapes(run_two_jobs):
+    out, _ = run_two_jobs
+    caps = Caps(out / "caps")
+    left_box = nib.load(str(caps.mask("leftHippocampusBox"))).get_fdata() > 0
+    for image in caps_images(out):
+        data = torch.from_numpy(nib.load(str(caps.t1_linear(image))).get_fdata(dtype=np.float32))
+        whole = torch.load(caps.image_tensor(image), weights_only=True)
+        assert whole.shape == (1, 169, 208, 179) and whole.dtype == torch.float32
+        assert torch.equal(whole[0], data)
+        patches = sorted(caps.tensor_dir(image, "patch").glob("*_patchsize-50_stride-50_patch-*_T1w.pt"))
+        assert len(patches) == 36
+        assert torch.load(caps.patch_tensor(image, 50, 50, 35), weights_only=True).shape == (1, 50, 50, 50)
+        slices = sorted(caps.tensor_dir(image, "slice").glob("*_axis-sag_channel-rgb_slice-*_T1w.pt"))
+        assert len(slices) == 169 - 40
+        assert torch.load(caps.slice_tensor(image, 0, "rgb", 20), weights_only=True).shape == (3, 208, 179)
+        roi = torch.load(caps.roi_tensor(image, "leftHippocampusBox"), weights_only=True)
+        assert roi.shape == (1, 50, 50, 50) and left_box.sum() == 50**3
+        name = caps.roi_tensor(image, "leftHippocampusBox").name
+        assert name == f"{image.participant_id}_{image.session_id}_space-MNI152NLin2009cSym_desc-CropRoi_res-1x1x1_roi-leftHippocampusBox_T1w.pt"
+    for mode in MODES:
+        described = [json.loads(p.read_text()) for p in (out / "caps" / "tensor_extraction").glob("*.json")]
+        assert any(d["mode"] == mode and d["preprocessing"] == "t1-linear" and d["prepare_dl"] for d in described)
+
+
+def test_shared_files_survive_concurrency(run_two_jobs):
+    out, _ = run_two_jobs
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative"
+    assert description["GeneratedBy"][0]["Name"] == "clinicadl-app"
+    caps_description = json.loads((out / "caps" / "dataset_description.json").read_text())
+    assert caps_description["CAPSVersion"]
+    lines = (out / ".bidsignore").read_text().splitlines()
+    assert len(lines) == len(set(lines)) and "caps" in lines
+    assert not list(out.rglob(".*.tmp-*")), "no temporary file may remain"
+    assert len(list((out / "logs").glob("participant-*.toml"))) == 2
+
+
+def test_output_is_a_valid_bids_derivative(run_two_jobs):
+    out, _ = run_two_jobs
+    done = subprocess.run([validator_command(), str(out), "--format", "json"], capture_output=True, text=True)
+    issues = json.loads(done.stdout)["issues"]["issues"]
+    assert not [i for i in issues if i["severity"] == "error"], issues
+
+
+def test_reports_show_each_session_with_its_figure(run_two_jobs):
+    out, _ = run_two_jobs
+    for participant, sessions in (("sub-01", 2), ("sub-02", 2)):
+        page = (out / "reports" / f"{participant}.html").read_text()
+        assert page.count("<h2>") == sessions and "PASS" in page
+        for source in __import__("re").findall(r"src='([^']+)'", page):
+            figure = out / "reports" / source
+            assert figure.exists() and figure.stat().st_size > 10_000
+
+
+def test_rerun_skips_complete_sessions_and_overwrite_redoes(run_two_jobs, sessions_bids):
+    out, _ = run_two_jobs
+    caps = Caps(out / "caps")
+    target = caps.t1_linear(CapsImage("sub-01", "ses-M000", "sub-01_ses-M000"))
+    before = target.stat().st_mtime_ns
+    again = run_app(sessions_bids, out, "participant", "--participant_label", "01", "--modes", *MODES,
+                    "--uncropped_image", "--skip_bids_validator")
+    assert again.returncode == 0 and "already complete" in again.stderr
+    assert target.stat().st_mtime_ns == before
+    redo = run_app(sessions_bids, out, "participant", "--participant_label", "01", "--session_label", "M000",
+                   "--overwrite", "--skip_bids_validator")
+    assert redo.returncode == 0, redo.stderr
+    assert target.stat().st_mtime_ns > before
+
+
+def test_existing_clinica_caps_is_used_without_preprocessing(run_two_jobs, sessions_bids, tmp_path):
+    out, _ = run_two_jobs
+    ours = Caps(out / "caps").t1_linear(CapsImage("sub-02", "ses-M000", "sub-02_ses-M000"))
+    clinica = Caps(tmp_path / "clinica_caps")
+    old_name = CapsImage("sub-02", "ses-M000", "sub-02_ses-M000_T1w")  # Clinica < 0.9 kept the suffix
+    clinica.t1_linear(old_name).parent.mkdir(parents=True)
+    clinica.t1_linear(old_name).write_bytes(ours.read_bytes())
+    done = run_app(sessions_bids, tmp_path / "out", "participant", "--caps_dir", clinica.root,
+                   "--participant_label", "02", "--session_label", "M000", "--modes", "image", "patch",
+                   "--skip_bids_validator")
+    assert done.returncode == 0, done.stderr
+    assert "1 already in the CAPS" in done.stderr
+    assert not list(clinica.root.rglob("*.mat")), "no registration may run"
+    assert clinica.image_tensor(old_name).exists()
+    assert len(list(clinica.tensor_dir(old_name, "patch").glob("*.pt"))) == 36
