@@ -18,6 +18,7 @@ from typing import Any, Literal, NoReturn
 from . import __version__
 from .config import Config, build_config, field_types
 from .errors import AppError, ExitCode, MissingInputError, UnknownLevelError, UsageError
+from .logs import log_to_console
 
 LEVELS = ("participant", "group")
 log = logging.getLogger("clinicadl_app")
@@ -42,24 +43,39 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", type=Path, default=None, metavar="FILE",
         help="TOML file with one table per section below; the command line wins over it",
     )
+    shared = _shared_names()
     for section, cls in Config.SECTIONS.items():
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         group = parser.add_argument_group(f"[{section}]", doc)
         kinds = field_types(cls)
         for f in fields(cls):
-            _add_option(group, section, f.name, kinds[f.name], f.default, f.metadata)
+            flag = f"{section}_{f.name}" if f.name in shared else f.name
+            _add_option(group, section, f.name, flag, kinds[f.name], f.default, f.metadata)
     return parser
 
 
-def _add_option(group: Any, section: str, name: str, kind: Any, default: Any, meta: Any) -> None:
-    flags = [f"--{name}"]
-    if "_" in name:
-        flags.append(f"--{name.replace('_', '-')}")
+def option_name(section: str, name: str) -> str:
+    """The command-line spelling of a setting: its name, or section_name when several sections share it."""
+    return f"--{section}_{name}" if name in _shared_names() else f"--{name}"
+
+
+def _shared_names() -> set[str]:
+    seen: dict[str, int] = {}
+    for cls in Config.SECTIONS.values():
+        for f in fields(cls):
+            seen[f.name] = seen.get(f.name, 0) + 1
+    return {name for name, count in seen.items() if count > 1}
+
+
+def _add_option(group: Any, section: str, name: str, flag: str, kind: Any, default: Any, meta: Any) -> None:
+    flags = [f"--{flag}"]
+    if "_" in flag:
+        flags.append(f"--{flag.replace('_', '-')}")
     flags += list(meta.get("flags", ()))
     kwargs: dict[str, Any] = {"dest": f"{section}.{name}", "default": argparse.SUPPRESS, "help": meta["help"]}
     if default not in (None, (), False):
         kwargs["help"] += f" (default: {' '.join(map(str, default)) if isinstance(default, tuple) else default})"
-    kwargs["metavar"] = meta.get("metavar") or name.upper()
+    kwargs["metavar"] = meta.get("metavar") or flag.upper()
     base = _strip_optional(kind)
     if base is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
@@ -108,12 +124,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 def setup_logging(config: Config) -> None:
     execution = config.execution
-    level = logging.DEBUG if execution.verbose else logging.WARNING if execution.quiet else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s", "%H:%M:%S"))
-    log.handlers[:] = [handler]
-    log.setLevel(level)
-    log.propagate = False
+    log_to_console(logging.DEBUG if execution.verbose else logging.WARNING if execution.quiet else logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
             from .participant import run
 
             return int(run(config))
-        raise UsageError("the group level is not implemented yet in this version; run the participant level")
+        from .group import run as run_group
+
+        return int(run_group(config))
     except AppError as error:
         print(f"clinicadl-app: error: {error.message}", file=sys.stderr)
         return int(error.exit_code)

@@ -21,6 +21,8 @@ from .errors import MissingInputError, UsageError
 
 Mode = Literal["image", "patch", "roi", "slice"]
 MODES: tuple[str, ...] = typing.get_args(Mode)
+Stage = Literal["labels", "split", "train", "predict", "interpret", "report"]
+STAGES: tuple[str, ...] = typing.get_args(Stage)
 
 
 def option(default: Any, help: str, *, flags: tuple[str, ...] = (), metavar: str | None = None) -> Any:
@@ -48,6 +50,7 @@ class Execution:
         None, "CAPS to read t1-linear images from and write tensors to (default: OUTPUT_DIR/caps)"
     )
     overwrite: bool = option(False, "redo subjects whose outputs are already complete")
+    stages: tuple[Stage, ...] = option(STAGES, "group level: the stages to run, in this order", metavar="STAGE")
     verbose: bool = option(False, "log debugging details")
     quiet: bool = option(False, "log warnings and errors only")
 
@@ -119,6 +122,59 @@ class Extraction:
 
 
 @dataclass(frozen=True)
+class Labels:
+    """The label: any column of participants.tsv or sessions.tsv."""
+
+    column: str = option("", "column to predict (participants.tsv or sub-X_sessions.tsv)")
+    task: Literal["classification", "regression"] = option("classification", "what the label is")
+    values: tuple[str, ...] = option((), "classification: the classes to keep (default: every value)", metavar="VALUE")
+    subgroups: tuple[str, ...] = option(
+        (), "classes nested in a parent class, as PARENT=CHILD1,CHILD2 (e.g. MCI=sMCI,pMCI): split first",
+        metavar="PARENT=CHILDREN",
+    )
+    name: str = option("", "name of the splits folder (default: the column and the classes)")
+    age_column: str = option("age", "column holding age, used to balance the splits")
+    sex_column: str = option("sex", "column holding sex, used to balance the splits")
+
+    def __post_init__(self) -> None:
+        if self.name and not self.name.replace("-", "").replace("_", "").isalnum():
+            raise ValueError("--name may contain only letters, digits, '-' and '_'")
+        if self.task == "regression" and self.values:
+            raise ValueError("--values only applies to classification")
+
+    @property
+    def folder(self) -> str:
+        if self.name:
+            return self.name
+        return "_".join([self.column, *self.values]) if self.values else self.column
+
+
+@dataclass(frozen=True)
+class Split:
+    """Subject-level test set and folds, stratified and balanced on age and sex."""
+
+    n_test: float = option(0.2, "test subjects: a fraction (< 1) or a count")
+    n_splits: int = option(5, "folds on the remaining subjects; 0 for one train/validation split")
+    n_validation: float = option(0.2, "with n_splits = 0: validation subjects, a fraction or a count")
+    seed: int = option(0, "seed of the split search; the same seed gives the same split")
+    p_age: float = option(0.80, "minimum p-value of the age comparison between sets (t-test, per class)")
+    p_sex: float = option(0.80, "minimum p-value of the sex comparison between sets (Fisher exact, per class)")
+    max_attempts: int = option(1000, "draws tried before keeping the best split found")
+    bins: int = option(5, "regression: label quantile bins used to stratify")
+    baseline_sets: bool = option(False, "also write *_baseline.tsv sets holding each subject's first session")
+
+    def __post_init__(self) -> None:
+        if self.n_test < 0 or self.n_validation <= 0:
+            raise ValueError("--n_test must be >= 0 and --n_validation > 0")
+        if self.n_splits == 1 or self.n_splits < 0:
+            raise ValueError("--n_splits must be 0 (one validation split) or at least 2")
+        if not (0 <= self.p_age <= 1 and 0 <= self.p_sex <= 1):
+            raise ValueError("--p_age and --p_sex are p-values between 0 and 1")
+        if self.max_attempts < 1 or self.bins < 1:
+            raise ValueError("--max_attempts and --bins must be positive")
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything one invocation was asked to do."""
 
@@ -128,11 +184,15 @@ class Config:
     execution: Execution = field(default_factory=Execution)
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     extraction: Extraction = field(default_factory=Extraction)
+    labels: Labels = field(default_factory=Labels)
+    split: Split = field(default_factory=Split)
 
     SECTIONS: ClassVar[dict[str, type]] = {
         "execution": Execution,
         "preprocessing": Preprocessing,
         "extraction": Extraction,
+        "labels": Labels,
+        "split": Split,
     }
 
     @property

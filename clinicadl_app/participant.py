@@ -31,6 +31,7 @@ from .config import Config
 from .errors import AppError, ExitCode, OutputError
 from .extraction import extract, prepare_masks, write_descriptions
 from .layout import OutputLayout
+from .logs import log_to_console, log_to_file
 from .participant_report import write_participant_report
 from .provenance import sha256, software_versions
 from .validation import validate_bids
@@ -38,7 +39,6 @@ from .validation import validate_bids
 log = logging.getLogger("clinicadl_app")
 
 Status = Literal["done", "complete", "failed"]
-LOG_FORMAT = "%(asctime)s [%(levelname)s] %(message)s"
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def run(config: Config) -> ExitCode:
     layout = OutputLayout(config.output_dir)
     layout.prepare(config.bids_dir)
     log_file = layout.run_record("participant", ".log")
-    _log_to_file(log_file)
+    log_to_file(log_file)
     if not execution.skip_bids_validator:
         validate_bids(config.bids_dir)
 
@@ -168,13 +168,9 @@ def _init_worker(threads: int, level: int, log_file: Path | None) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(LOG_FORMAT, "%H:%M:%S"))
-    log.handlers[:] = [handler]
-    log.setLevel(level)
-    log.propagate = False
+    log_to_console(level)
     if log_file:
-        _log_to_file(log_file)
+        log_to_file(log_file)
 
 
 def process(job: Job, config: Config) -> Outcome:
@@ -304,9 +300,3 @@ def summarise(outcomes: list[Outcome], skipped: list[str]) -> ExitCode:
     return ExitCode.OK
 
 
-def _log_to_file(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    handler.setLevel(logging.DEBUG)
-    log.addHandler(handler)

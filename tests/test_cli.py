@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from clinicadl_app import __version__
-from clinicadl_app.cli import build_parser, main, parse_args
+from clinicadl_app.cli import build_parser, main, option_name, parse_args
 from clinicadl_app.config import Config, read_config_file
 from clinicadl_app.errors import ExitCode, UsageError
 
@@ -100,9 +100,10 @@ def test_relative_paths_in_config_are_relative_to_the_file(tmp_path):
 def test_every_config_field_has_an_option_and_help():
     parser = build_parser()
     options = {s for action in parser._actions for s in action.option_strings}
-    for cls in Config.SECTIONS.values():
+    for section, cls in Config.SECTIONS.items():
         for name in cls.__dataclass_fields__:
-            assert f"--{name}" in options and f"--{name.replace('_', '-')}" in options
+            flag = option_name(section, name)
+            assert flag in options and flag.replace("_", "-").replace("--", "--", 1) in options
 
 
 def test_group_level_not_yet_implemented_is_usage_error(tmp_path):

@@ -1,0 +1,210 @@
+"""labels and split stages: leakage-safe subject-level splits, reproducible to the byte, with clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from clinicadl_app.config import Split
+from clinicadl_app.errors import ExitCode, UsageError
+from clinicadl_app.splits import make_split
+
+from .conftest import run_app
+from .group_data import make_longitudinal
+
+CONFIG = """
+[labels]
+column = "diagnosis"
+values = ["AD", "CN", "MCI"]
+subgroups = ["MCI=sMCI,pMCI"]
+[split]
+n_test = 0.2
+n_splits = 3
+seed = 42
+max_attempts = 200
+"""
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("longitudinal")
+    bids, caps = make_longitudinal(root)
+    config = root / "experiment.toml"
+    config.write_text(CONFIG)
+    return bids, caps, config
+
+
+def run_split(dataset, out: Path, *extra: str):
+    bids, caps, config = dataset
+    return run_app(bids, out, "group", "--caps_dir", caps, "--config", config, "--stages", "labels", "split", *extra)
+
+
+@pytest.fixture(scope="module")
+def split_dir(dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    done = run_split(dataset, out)
+    assert done.returncode == 0, done.stderr
+    return out / "splits" / "diagnosis_AD_CN_MCI"
+
+
+def read(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, sep="\t", dtype=str)
+
+
+def test_files_and_subject_level_invariants(split_dir):
+    labels, train, test = (read(split_dir / f) for f in ("labels.tsv", "train.tsv", "test.tsv"))
+    assert list(labels.columns) == ["participant_id", "session_id", "diagnosis", "age", "sex"]
+    assert set(labels.diagnosis) == {"AD", "CN", "MCI", "sMCI", "pMCI"}
+    keys = ["participant_id", "session_id"]
+    assert len(train.merge(labels, on=keys)) == len(train) and len(test.merge(labels, on=keys)) == len(test)
+    assert len(train) + len(test) == len(labels)
+    assert not set(train.participant_id) & set(test.participant_id)
+    validation_subjects = []
+    for fold in range(3):
+        fold_train = read(split_dir / f"split-{fold}" / "train.tsv")
+        validation = read(split_dir / f"split-{fold}" / "validation.tsv")
+        assert not set(fold_train.participant_id) & set(validation.participant_id)
+        assert not (set(fold_train.participant_id) | set(validation.participant_id)) & set(test.participant_id)
+        assert len(fold_train) + len(validation) == len(train)
+        validation_subjects += list(validation.participant_id.unique())
+    assert sorted(validation_subjects) == sorted(train.participant_id.unique()), "validation sets partition train"
+    record = json.loads((split_dir / "split.json").read_text())
+    assert record["split"]["seed"] == 42 and "p_values" in record["draws"]["test"]
+    population = read(split_dir / "population.tsv")
+    assert {"set", "label", "participants", "sessions", "age_mean", "age_sd", "female", "male"} <= set(population)
+    assert (split_dir / "population.png").stat().st_size > 5000
+
+
+def test_nested_subgroups_are_split_first(split_dir):
+    test, train = read(split_dir / "test.tsv"), read(split_dir / "train.tsv")
+    for child in ("sMCI", "pMCI"):
+        assert (test.diagnosis == child).any(), f"no {child} subject in the test set"
+        test_children = set(test.participant_id[test.diagnosis == child])
+        assert not test_children & set(train.participant_id), "a parent-task model would see a child test subject"
+
+
+def test_same_seed_gives_byte_identical_files(dataset, split_dir, tmp_path):
+    assert run_split(dataset, tmp_path).returncode == 0
+    again = tmp_path / "splits" / split_dir.name
+    for path in split_dir.rglob("*.tsv"):
+        assert (again / path.relative_to(split_dir)).read_bytes() == path.read_bytes(), path.name
+
+
+def test_existing_split_is_sealed(dataset, split_dir):
+    out = split_dir.parents[1]
+    changed = run_split(dataset, out, "--split_seed", "7")
+    assert changed.returncode == ExitCode.USAGE and "already exists" in changed.stderr
+    same = run_split(dataset, out)
+    assert same.returncode == 0
+
+
+# --- property-based invariants --------------------------------------------------------------------------
+
+@st.composite
+def tables(draw):
+    n = draw(st.integers(8, 40))
+    classes = draw(st.lists(st.sampled_from(["A", "B", "C"]), min_size=n, max_size=n))
+    if len(set(classes)) < 2 or min(classes.count(c) for c in set(classes)) < 4:
+        classes = ["A", "B"] * (n // 2) + ["A"] * (n % 2)
+    rows = []
+    for i, label in enumerate(classes):
+        age = draw(st.one_of(st.none(), st.floats(40, 90)))
+        sex = draw(st.sampled_from(["M", "F", None]))
+        for k in range(draw(st.integers(1, 10))):
+            rows.append({"participant_id": f"sub-{i:03d}", "session_id": f"ses-{k:02d}", "dx": label,
+                         "age": np.nan if age is None else age, "sex": sex})
+    return pd.DataFrame(rows)
+
+
+@given(tables(), st.sampled_from([0, 2, 3]), st.sampled_from([0.0, 0.2, 0.25]), st.integers(0, 2**16))
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_split_invariants(rows, n_splits, n_test, seed):
+    config = Split(n_test=n_test, n_splits=n_splits, seed=seed, max_attempts=3)
+    try:
+        result = make_split(rows, "dx", "classification", config)
+    except UsageError as error:
+        assert "too few" in error.message or "left after" in error.message
+        return
+    subjects = set(rows.participant_id)
+    test = set(result.test)
+    train = subjects - test
+    validations = [set(f) for f in result.folds]
+    assert test <= subjects and not test & train
+    if n_splits:
+        assert len(validations) == n_splits and set().union(*validations) == train
+        assert sum(map(len, validations)) == len(train), "folds overlap"
+    else:
+        assert len(validations) == 1 and validations[0] <= train and validations[0] != train
+    again = make_split(rows, "dx", "classification", config)
+    assert again.test == result.test and again.folds == result.folds
+
+
+def test_regression_split_stratifies_on_bins():
+    rng = np.random.default_rng(0)
+    rows = pd.DataFrame({"participant_id": [f"sub-{i:03d}" for i in range(50)], "session_id": "ses-M000",
+                         "age_label": rng.uniform(20, 80, 50)})
+    result = make_split(rows, "age_label", "regression", Split(n_test=0.2, n_splits=0, max_attempts=2))
+    test_ages = rows.set_index("participant_id").loc[result.test, "age_label"]
+    assert len(result.test) == 10 and test_ages.min() < 35 and test_ages.max() > 65
+
+
+# --- bad input -------------------------------------------------------------------------------------------
+
+def group(bids, caps, out, *args):
+    return run_app(bids, out, "group", "--caps_dir", caps, "--stages", "labels", "split", *args)
+
+
+def test_missing_column_and_absent_value(dataset, tmp_path):
+    bids, caps, _ = dataset
+    missing = group(bids, caps, tmp_path / "a", "--column", "diagnosys")
+    assert missing.returncode == ExitCode.USAGE
+    assert "participants.tsv" in missing.stderr and "diagnosis" in missing.stderr  # names what exists
+    absent = group(bids, caps, tmp_path / "b", "--column", "diagnosis", "--values", "AD", "FTD")
+    assert absent.returncode == ExitCode.USAGE and "FTD" in absent.stderr
+
+
+def test_too_few_subjects_for_the_folds(dataset, tmp_path):
+    bids, caps, _ = dataset
+    done = group(bids, caps, tmp_path, "--column", "diagnosis", "--values", "AD", "pMCI", "--n_splits", "10")
+    assert done.returncode == ExitCode.USAGE and "too few" in done.stderr and "pMCI" in done.stderr
+
+
+def test_duplicate_rows_and_bad_ages(tmp_path):
+    bids, caps = make_longitudinal(tmp_path / "d", n=20)
+    table = pd.read_csv(bids / "participants.tsv", sep="\t", dtype=str)
+    table.loc[3, "age"] = "sixty"
+    table.loc[5, "age"] = "n/a"
+    table.to_csv(bids / "participants.tsv", sep="\t", index=False)
+    done = group(bids, caps, tmp_path / "o1", "--column", "diagnosis", "--n_splits", "2", "--max_attempts", "5")
+    assert done.returncode == 0, done.stderr
+    assert "non-numeric age" in done.stderr and table.participant_id[3] in done.stderr
+    pd.concat([table, table.iloc[[2]]]).to_csv(bids / "participants.tsv", sep="\t", index=False)
+    duplicated = group(bids, caps, tmp_path / "o2", "--column", "diagnosis")
+    assert duplicated.returncode == ExitCode.USAGE
+    assert "participants.tsv" in duplicated.stderr and table.participant_id[2] in duplicated.stderr
+
+
+def test_sessions_tsv_disagreeing_with_folders(tmp_path):
+    bids, caps = make_longitudinal(tmp_path / "s", n=12)
+    path = bids / "sub-000" / "sub-000_sessions.tsv"
+    path.write_text(path.read_text() + "ses-M999\t9\n")
+    done = group(bids, caps, tmp_path / "o", "--column", "diagnosis", "--n_splits", "0", "--max_attempts", "3")
+    assert "sub-000_sessions.tsv" in done.stderr and "ses-M999" in done.stderr
+
+
+def test_regression_label_must_be_numeric(dataset, tmp_path):
+    bids, caps, _ = dataset
+    done = group(bids, caps, tmp_path, "--column", "diagnosis", "--task", "regression")
+    assert done.returncode == ExitCode.USAGE and "non-numeric" in done.stderr
+
+
+def test_stage_needs_labels_first(dataset, tmp_path):
+    bids, caps, config = dataset
+    done = run_app(bids, tmp_path, "group", "--caps_dir", caps, "--config", config, "--stages", "split")
+    assert done.returncode == ExitCode.USAGE and "labels stage first" in done.stderr
