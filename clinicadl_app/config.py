@@ -22,6 +22,8 @@ from .errors import MissingInputError, UsageError
 Mode = Literal["image", "patch", "roi", "slice"]
 MODES: tuple[str, ...] = typing.get_args(Mode)
 Stage = Literal["labels", "split", "train", "predict", "interpret", "report"]
+Augmentation = Literal["Noise", "Erasing", "CropPad", "Smoothing", "Motion", "Ghosting", "Spike", "BiasField",
+                       "Flip"]
 STAGES: tuple[str, ...] = typing.get_args(Stage)
 
 
@@ -175,6 +177,67 @@ class Split:
 
 
 @dataclass(frozen=True)
+class Train:
+    """Networks trained on the folds of the split, recorded in a MAPS (OUTPUT_DIR/maps/<experiment>)."""
+
+    experiment: str = option("", "MAPS name (default: <labels folder>_<mode>_<architecture>)")
+    network_task: Literal["", "classification", "regression", "reconstruction"] = option(
+        "", "what the network does (default: the [labels] task)")
+    classes: tuple[str, ...] = option(
+        (), "classification: classes to train on (default: [labels] values); a parent class stands for its "
+        "subgroups, so [\"CN\", \"MCI\"] trains CN against MCI, sMCI and pMCI together", metavar="CLASS")
+    mode: Mode = option("image", "what one network input is: the image, or patches, ROIs or slices of it")
+    architecture: str = option("Conv5_FC3", "Conv5_FC3, Conv4_FC3, Stride_Conv5_FC3, resnet18 (slices) or "
+                               "package.module:function")
+    multi_network: bool = option(False, "one network per part (patch, ROI or slice position)")
+    dropout: float = option(0.5, "dropout before the fully connected layers")
+    pretrained_weights: Path | None = option(None, "resnet18: a state dict to start from (no download)")
+    epochs: int = option(20, "maximum number of epochs")
+    batch_size: int = option(8, "inputs per batch")
+    learning_rate: float = option(1e-4, "learning rate")
+    weight_decay: float = option(1e-4, "weight decay")
+    optimizer: Literal["Adam", "AdamW", "SGD"] = option("Adam", "optimiser")
+    accumulation_steps: int = option(1, "batches whose gradients are summed before each update")
+    evaluation_steps: int = option(0, "also evaluate every N updates inside an epoch (0: once per epoch)")
+    selection_metrics: tuple[str, ...] = option(
+        (), "metrics whose best value selects a model, one best-<metric> folder each "
+        "(default: loss and BA for classification, loss otherwise)", metavar="METRIC")
+    patience: int = option(0, "stop after this many evaluations without improvement of the loss (0: never)")
+    tolerance: float = option(0.0, "smallest loss decrease counted as an improvement")
+    loss: Literal["", "CrossEntropyLoss", "MSELoss", "L1Loss", "HuberLoss"] = option(
+        "", "loss (default: CrossEntropyLoss for classification, MSELoss otherwise)")
+    class_weights: bool = option(False, "classification: weight the loss by inverse class frequency")
+    normalize: bool = option(True, "min-max normalise each image to [0, 1] (ClinicaDL's MinMaxNormalization)")
+    data_augmentation: tuple[Augmentation, ...] = option((), "random transforms of training inputs", metavar="NAME")
+    evaluate_train: bool = option(False, "evaluate the whole training set at each evaluation, as ClinicaDL does")
+    batchnorm_recompute: int = option(
+        64, "training images used to recompute BatchNorm statistics before each evaluation (0: off)")
+    selection_threshold: float = option(0.0, "parts whose validation BA is below this do not vote for the image")
+    seed: int = option(0, "seed of weights, data order, dropout and augmentation")
+    deterministic: bool = option(False, "deterministic algorithms: a CPU rerun is bit-identical")
+    amp: bool = option(False, "mixed precision: bfloat16 on CPU, float16 or bfloat16 on GPU")
+    gpu: bool = option(True, "use a GPU when one is present")
+    num_workers: int = option(0, "data loading processes (0: load in the training process)")
+    folds: tuple[int, ...] = option((), "folds to train (default: all); one cluster job per fold", flags=("--split",),
+                                    metavar="FOLD")
+    transfer_path: Path | None = option(None, "a MAPS whose model initialises this one (transfer learning)")
+    transfer_selection_metric: str = option("loss", "which best-<metric> model of the source MAPS to use")
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1")
+        if self.learning_rate <= 0 or self.weight_decay < 0 or not 0 <= self.dropout < 1:
+            raise ValueError("--learning_rate must be > 0, --weight_decay >= 0 and --dropout in [0, 1)")
+        if min((self.evaluation_steps, self.patience, self.batchnorm_recompute, self.num_workers)) < 0:
+            raise ValueError("--evaluation_steps, --patience, --batchnorm_recompute and --num_workers must be >= 0")
+        if self.multi_network and self.mode == "image":
+            raise ValueError("--multi_network needs a mode with parts (patch, roi or slice)")
+        if self.experiment and not self.experiment.replace("-", "").replace("_", "").isalnum():
+            raise ValueError("--experiment may contain only letters, digits, '-' and '_'")
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything one invocation was asked to do."""
 
@@ -186,6 +249,7 @@ class Config:
     extraction: Extraction = field(default_factory=Extraction)
     labels: Labels = field(default_factory=Labels)
     split: Split = field(default_factory=Split)
+    train: Train = field(default_factory=Train)
 
     SECTIONS: ClassVar[dict[str, type]] = {
         "execution": Execution,
@@ -193,6 +257,7 @@ class Config:
         "extraction": Extraction,
         "labels": Labels,
         "split": Split,
+        "train": Train,
     }
 
     @property

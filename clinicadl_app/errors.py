@@ -13,6 +13,7 @@ class ExitCode(IntEnum):
     VALIDATION_FAILED = 16
     UNKNOWN_LEVEL = 17
     NO_DATA = 18
+    LEAKAGE = 20  # evaluation or transfer would use data a model was trained or selected on
     USAGE = 64
     DATA_ERROR = 65  # some subjects (or images) failed; the run prints who and why
     MISSING_INPUT = 66
@@ -39,6 +40,12 @@ class UnknownLevelError(AppError):
 
 class ValidationFailed(AppError):
     exit_code = ExitCode.VALIDATION_FAILED
+
+
+class LeakageError(AppError):
+    """Data seen in training would be used for evaluation (or a transfer source saw a test subject)."""
+
+    exit_code = ExitCode.LEAKAGE
 
 
 class NoDataError(AppError):

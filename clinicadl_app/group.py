@@ -24,7 +24,7 @@ from .splits import KEYS, SplitFolder, baseline, make_split, population, select
 
 log = logging.getLogger("clinicadl_app")
 
-IMPLEMENTED = ("labels", "split")
+IMPLEMENTED = ("labels", "split", "train")
 
 
 def run(config: Config) -> ExitCode:
@@ -44,6 +44,10 @@ def run(config: Config) -> ExitCode:
         labels_stage(config, folder)
     if "split" in stages:
         split_stage(config, folder)
+    if "train" in stages:
+        from .experiment import run_training
+
+        run_training(config, layout.splits_dir, layout.maps_dir)
     return ExitCode.OK
 
 

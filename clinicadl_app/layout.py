@@ -46,6 +46,10 @@ class OutputLayout:
         return self.reports_dir / image.participant_id / "figures" / f"{image.prefix}_desc-t1linear_qc.png"
 
     @property
+    def maps_dir(self) -> Path:
+        return self.root / "maps"
+
+    @property
     def splits_dir(self) -> Path:
         return self.root / "splits"
 

@@ -1,0 +1,307 @@
+"""The train stage: a MAPS trained from a sealed split, fold by fold, network by network.
+
+Everything that shaped the result goes into maps.json before the first epoch; every check that can fail
+(a fold with one class, an architecture that does not fit, images missing from the CAPS, a transfer
+source that saw a test subject) fails before the first epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from . import __version__, augment
+from .atomic import lock, write_json, write_text, write_tsv
+from .caps import Caps
+from .config import Config, Train
+from .data import ImageStore, PartDataset, image_paths, part_spec
+from .errors import UsageError
+from .extraction import description as extraction_description
+from .labels import parse_subgroups
+from .maps import Maps, environment_text
+from .networks import ArchitectureError, build_network
+from .splits import KEYS, SplitFolder
+from .tasks import Classification, Task, make_task
+from .training import Device, Evaluator, Trainer, recompute_batchnorm, seed_everything
+from .transfer import Transfer
+
+log = logging.getLogger("clinicadl_app")
+
+# settings that do not change a result: a MAPS may be continued with other values of these
+_EXECUTION_ONLY = {"folds", "num_workers", "gpu"}
+
+
+@dataclass
+class FoldData:
+    fold: int
+    train: pd.DataFrame
+    validation: pd.DataFrame
+    task: Task
+    spec: object
+    train_set: PartDataset
+    train_eval: PartDataset
+    validation_set: PartDataset
+
+
+def experiment_name(config: Config) -> str:
+    train = config.train
+    return train.experiment or f"{config.labels.folder}_{train.mode}_{train.architecture.replace(':', '-')}"
+
+
+def network_task(config: Config) -> str:
+    return config.train.network_task or config.labels.task
+
+
+def class_mapping(config: Config) -> dict[str, str]:
+    """Label in labels.tsv -> class trained on (children stand for their parent when the parent is asked)."""
+    parents = parse_subgroups(config.labels.subgroups)
+    wanted = config.train.classes or config.labels.values
+    if not wanted:
+        return {}
+    mapping = {}
+    for label in set(parents) | set(parents.values()) | set(wanted):
+        if label in wanted:
+            mapping[label] = label
+        elif parents.get(label) in wanted:
+            mapping[label] = parents[label]
+    return mapping
+
+
+def select_rows(rows: pd.DataFrame, config: Config) -> pd.DataFrame:
+    column = config.labels.column
+    if network_task(config) != "classification":
+        return rows.reset_index(drop=True)
+    mapping = class_mapping(config)
+    if not mapping:
+        return rows.reset_index(drop=True)
+    kept = rows[rows[column].astype(str).isin(mapping)].copy()
+    kept[column] = kept[column].astype(str).map(mapping)
+    return kept.reset_index(drop=True)
+
+
+def run_training(config: Config, splits_dir: Path, maps_dir: Path) -> Maps:
+    settings = config.train
+    folder = SplitFolder(splits_dir / config.labels.folder)
+    if not folder.record.is_file():
+        raise UsageError(f"{folder.root}: no split yet; run the labels and split stages first")
+    maps = Maps(maps_dir / experiment_name(config))
+    caps = Caps(config.caps_dir)
+    available = folder.folds()
+    folds = list(settings.folds) or available
+    unknown = sorted(set(folds) - set(available))
+    if unknown:
+        raise UsageError(f"{folder.root}: no fold {unknown}; this split has folds {available}")
+    column, task_name = config.labels.column, network_task(config)
+    read = lambda path: select_rows(folder.read(path, column, config.labels.task), config)  # noqa: E731
+    all_train = read(folder.set_file("train"))
+    test = read(folder.set_file("test"))
+    transfer = Transfer.open(settings, test, maps.root) if settings.transfer_path else None
+
+    prepared = [prepare_fold(config, caps, folder, fold, read, task_name) for fold in folds]
+    record = maps_record(config, folder, prepared[0], caps)
+    if transfer:
+        transfer.check_compatible(record)
+    _write_maps_record(maps, record, config.execution.overwrite)
+    _write_seen(maps, all_train, caps, transfer)
+    for data in prepared:
+        for group, rows in (("train", data.train), ("validation", data.validation)):
+            write_tsv(maps.group_data(group, data.fold), rows)
+            write_json(maps.group_record(group, data.fold), {
+                "caps_directory": str(caps.root), "split_directory": str(folder.root), "fold": data.fold,
+                "label": column, "origin": "split"})
+    for data in prepared:
+        if fold_complete(maps, data.fold, selection_metrics(config, data.task)):
+            log.info("split-%d: already trained; skipping (remove the fold folder to train it again)", data.fold)
+            continue
+        train_fold(config, maps, data, transfer)
+    return maps
+
+
+def prepare_fold(config: Config, caps: Caps, folder: SplitFolder, fold: int, read, task_name: str) -> FoldData:
+    settings = config.train
+    train, validation = read(folder.set_file("train", fold)), read(folder.set_file("validation", fold))
+    column = config.labels.column
+    if task_name == "classification":
+        classes = sorted(set(train[column].astype(str)) | set(validation[column].astype(str)))
+        missing = sorted(set(classes) - set(train[column].astype(str)))
+        if len(set(train[column])) < 2 or missing:
+            raise UsageError(
+                f"{folder.set_file('train', fold)}: the training set of fold {fold} holds only "
+                f"{', '.join(sorted(set(train[column].astype(str))))}; a classifier needs every class "
+                f"({', '.join(classes)}): split again with fewer folds or more subjects"
+            )
+    else:
+        classes = None
+    task = make_task(task_name, train, column, settings.loss, settings.class_weights, classes)
+    extraction = config.extraction
+    paths_train = image_paths(caps, train, extraction)
+    paths_validation = image_paths(caps, validation, extraction)
+    shape = tuple(torch.load(paths_train[0], map_location="cpu", weights_only=True, mmap=True).shape[1:])
+    spec = part_spec(settings.mode, shape, extraction, caps)
+    targets = lambda rows: [task.target(v) for v in rows[column]] if task_name != "reconstruction" \
+        else [task.target(None)] * len(rows)  # noqa: E731
+    transform = augment.build(settings.data_augmentation)
+    train_store = ImageStore(paths_train)
+    train_set = PartDataset(train_store, spec, targets(train), settings.normalize, transform=transform,
+                            seed=settings.seed)
+    train_eval = PartDataset(train_store, spec, targets(train), settings.normalize)
+    validation_set = PartDataset(ImageStore(paths_validation), spec, targets(validation), settings.normalize)
+    return FoldData(fold, train, validation, task, spec, train_set, train_eval, validation_set)
+
+
+def input_shape(data: FoldData) -> tuple[int, ...]:
+    return tuple(data.train_eval[0]["input"].shape)
+
+
+def selection_metrics(config: Config, task: Task) -> tuple[str, ...]:
+    return config.train.selection_metrics or task.default_selection()
+
+
+def maps_record(config: Config, folder: SplitFolder, data: FoldData, caps: Caps) -> dict:
+    settings = config.train
+    in_shape = input_shape(data)
+    try:
+        build_network(settings.architecture, in_shape, data.task.output_size or 1, settings.dropout,
+                      autoencoder=network_task(config) == "reconstruction",
+                      pretrained_weights=settings.pretrained_weights)
+    except ArchitectureError as error:
+        raise UsageError(f"[train] architecture: {error}") from None
+    train = {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
+             for k, v in asdict(settings).items()}
+    return {
+        "clinicadl_app_version": __version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "experiment": experiment_name(config),
+        "task": network_task(config),
+        "label": config.labels.column,
+        "label_code": data.task.label_code if isinstance(data.task, Classification) else None,
+        "classes": data.task.classes if isinstance(data.task, Classification) else None,
+        "input_size": list(in_shape),
+        "mode": settings.mode,
+        "parts": len(data.spec),
+        "part_ids": list(data.spec.ids),
+        "selection_metrics": list(selection_metrics(config, data.task)),
+        "seed": settings.seed,
+        "train": train,
+        "labels": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config.labels).items()},
+        "split": json.loads(folder.record.read_text()),
+        "split_directory": str(folder.root),
+        "caps_directory": str(caps.root),
+        "extraction": extraction_description(settings.mode, config.extraction, caps),
+        "preprocessing": "t1-linear",
+        "command": sys.argv,
+    }
+
+
+def _comparable(record: dict) -> dict:
+    train = {k: v for k, v in record["train"].items() if k not in _EXECUTION_ONLY}
+    keep = ("task", "label", "label_code", "input_size", "mode", "labels", "extraction")
+    return {"train": train, "split": record["split"].get("labels_sha256"), **{k: record[k] for k in keep}}
+
+
+def _write_maps_record(maps: Maps, record: dict, overwrite: bool) -> None:
+    with lock(maps.record):
+        if maps.record.exists():
+            previous = json.loads(maps.record.read_text())
+            if _comparable(previous) != _comparable(record):
+                if not overwrite:
+                    raise UsageError(
+                        f"{maps.root}: this MAPS was trained with other settings or data; choose another "
+                        "[train] experiment name, or --overwrite to replace it"
+                    )
+                shutil.rmtree(maps.root)
+            else:
+                record["created"] = previous["created"]
+        write_json(maps.record, record)
+        if not maps.environment.exists():
+            write_text(maps.environment, environment_text(sys.argv))
+
+
+def _write_seen(maps: Maps, train: pd.DataFrame, caps: Caps, transfer) -> None:
+    from .fingerprint import fingerprint_rows
+
+    seen = fingerprint_rows(caps, train[KEYS].drop_duplicates())
+    seen.insert(2, "maps", maps.root.name)
+    if transfer is not None:
+        seen = pd.concat([seen, transfer.seen], ignore_index=True)
+    with lock(maps.seen):
+        write_tsv(maps.seen, seen.drop_duplicates(KEYS + ["maps"]).sort_values(KEYS).reset_index(drop=True))
+
+
+def fold_complete(maps: Maps, fold: int, metrics: tuple[str, ...]) -> bool:
+    return (not maps.tmp_dir(fold).exists() and maps.training_log(fold).parent.exists()
+            and all(maps.model(fold, m, n).exists() for m in metrics for n in maps.networks(fold, m))
+            and all(maps.metrics(fold, m, "validation", "image").exists() for m in metrics))
+
+
+def train_fold(config: Config, maps: Maps, data: FoldData, transfer) -> None:
+    settings: Train = config.train
+    device = Device.choose(settings)
+    seed_everything(settings.seed + data.fold, settings.deterministic)
+    metrics = selection_metrics(config, data.task)
+    networks: list[int | None] = list(range(len(data.spec))) if settings.multi_network else [None]
+    in_shape = input_shape(data)
+    write_text(maps.fold_environment(data.fold), environment_text(sys.argv))
+    log.info("split-%d: %d training and %d validation images, input %s, %d network(s) on %s",
+             data.fold, len(data.train), len(data.validation), in_shape, len(networks), device.device)
+    for network in networks:
+        torch.manual_seed(settings.seed * 1000 + data.fold * 100 + (network or 0))
+        model = build_network(settings.architecture, in_shape, data.task.output_size or 1, settings.dropout,
+                              autoencoder=network_task(config) == "reconstruction",
+                              pretrained_weights=settings.pretrained_weights)
+        if transfer:
+            transfer.initialise(model, data.fold, network)
+        parts = None if network is None else (network,)
+        evaluator = Evaluator(data.task, settings.mode, device, settings.batch_size, settings, data.validation)
+        trainer = Trainer(model=model, task=data.task, settings=settings, maps=maps, fold=data.fold,
+                          network=network, selection=metrics, device=device, evaluator=evaluator)
+        trainer.fit(_restrict(data.train_set, parts), _restrict(data.validation_set, parts),
+                    _restrict(data.train_eval, parts))
+    write_results(config, maps, data, metrics, device)
+    shutil.rmtree(maps.tmp_dir(data.fold), ignore_errors=True)
+
+
+def _restrict(dataset: PartDataset, parts: tuple[int, ...] | None) -> PartDataset:
+    if parts is None:
+        return dataset
+    copy = PartDataset(dataset.store, dataset.spec, dataset.targets, dataset.normalize, parts, dataset.transform,
+                       dataset.seed)
+    return copy
+
+
+def load_model(path: Path, config_train: Train, in_shape, output_size: int, autoencoder: bool, device: Device):
+    model = build_network(config_train.architecture, in_shape, output_size or 1, config_train.dropout,
+                          autoencoder=autoencoder)
+    state = torch.load(path, map_location=device.device, weights_only=True)
+    model.load_state_dict(state["model"])
+    return model.to(device.device), state
+
+
+def write_results(config: Config, maps: Maps, data: FoldData, metrics: tuple[str, ...], device: Device) -> None:
+    """Predictions and metrics of every selected model on its training and validation sets."""
+    from .results import evaluate_group
+
+    settings = config.train
+    for metric in metrics:
+        networks = maps.networks(data.fold, metric)
+        models = []
+        for network in networks:
+            model, state = load_model(maps.model(data.fold, metric, network), settings, input_shape(data),
+                                      data.task.output_size, network_task(config) == "reconstruction", device)
+            models.append((network, model, state))
+        validation = evaluate_group(models, data.task, settings, device, data.validation,
+                                    data.validation_set, None)
+        evaluate_group(models, data.task, settings, device, data.train, data.train_eval, validation.weights,
+                       write=(maps, data.fold, metric, "train"))
+        validation.write(maps, data.fold, metric, "validation")
+
+
+__all__ = ["run_training", "recompute_batchnorm", "Evaluator"]

@@ -1,0 +1,125 @@
+"""Metrics over a whole set (never a running average of batch values), as ClinicaDL reports them.
+
+Undefined ratios (a class absent from the set) are NaN rather than an error or a made-up number.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn import metrics as skm
+
+LOWER_IS_BETTER = {"loss", "MAE", "RMSE", "MSE", "LR_minus"}
+
+
+def better(metric: str, value: float, best: float | None) -> bool:
+    if value is None or math.isnan(value):
+        return False
+    if best is None or math.isnan(best):
+        return True
+    return value < best if metric in LOWER_IS_BETTER else value > best
+
+
+def _ratio(num: float, den: float) -> float:
+    return float(num / den) if den else math.nan
+
+
+def _binary(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    tp = int(((y_pred == 1) & (y_true == 1)).sum())
+    tn = int(((y_pred == 0) & (y_true == 0)).sum())
+    fp = int(((y_pred == 1) & (y_true == 0)).sum())
+    fn = int(((y_pred == 0) & (y_true == 1)).sum())
+    sensitivity, specificity = _ratio(tp, tp + fn), _ratio(tn, tn + fp)
+    ppv, npv = _ratio(tp, tp + fp), _ratio(tn, tn + fn)
+    return {
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+        "PPV": ppv,
+        "NPV": npv,
+        "F1_score": _ratio(2 * tp, 2 * tp + fp + fn),
+        "MK": ppv + npv - 1,
+        "LR_plus": _ratio(sensitivity, 1 - specificity),
+        "LR_minus": _ratio(1 - sensitivity, specificity),
+    }
+
+
+def classification(y_true: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict[str, float]:
+    """y_true: class indices; proba: (n, k) probabilities. Binary metrics take class 1 as positive;
+    with more classes each is computed one-vs-rest and averaged (macro), with per-class AUC as well."""
+    y_true = np.asarray(y_true, dtype=int)
+    y_pred = proba.argmax(1)
+    k = proba.shape[1]
+    result: dict[str, float] = {
+        "accuracy": float((y_pred == y_true).mean()) if len(y_true) else math.nan,
+        "BA": float(np.mean([(y_pred[y_true == c] == c).mean() for c in range(k) if (y_true == c).any()]))
+        if len(y_true) else math.nan,
+        "MCC": float(skm.matthews_corrcoef(y_true, y_pred)) if len(set(y_true)) > 1 else math.nan,
+    }
+    if k == 2:
+        result.update(_binary(y_true, y_pred))
+        result["AUC"] = float(skm.roc_auc_score(y_true, proba[:, 1])) if len(set(y_true)) == 2 else math.nan
+    else:
+        per_class = [_binary((y_true == c).astype(int), (y_pred == c).astype(int)) for c in range(k)]
+        for key in per_class[0]:
+            result[key] = float(np.nanmean([m[key] for m in per_class])) if per_class else math.nan
+        aucs = []
+        for c, name in enumerate(classes):
+            positive = (y_true == c).astype(int)
+            auc = float(skm.roc_auc_score(positive, proba[:, c])) if 0 < positive.sum() < len(positive) else math.nan
+            result[f"AUC-{name}"] = auc
+            aucs.append(auc)
+        result["AUC"] = float(np.nanmean(aucs)) if not all(math.isnan(a) for a in aucs) else math.nan
+    return result
+
+
+def regression(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    error = np.asarray(y_pred, float) - np.asarray(y_true, float)
+    result = {"MAE": float(np.abs(error).mean()), "MSE": float((error**2).mean()),
+              "RMSE": float(np.sqrt((error**2).mean()))}
+    result["R2"] = float(skm.r2_score(y_true, y_pred)) if len(y_true) > 1 else math.nan
+    return result
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float, window: int = 7, sigma: float = 1.5) -> float:
+    """Structural similarity of two images (C, *spatial), 2D or 3D, with a Gaussian window."""
+    dims = x.dim() - 1
+    coords = torch.arange(window, dtype=torch.float32) - window // 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = g / g.sum()
+    conv = F.conv3d if dims == 3 else F.conv2d
+    x, y = x.float().unsqueeze(0), y.float().unsqueeze(0)
+    channels = x.shape[1]
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        for axis in range(dims):
+            shape = [1] * dims
+            shape[axis] = window
+            kernel = g.view(1, 1, *shape).repeat(channels, 1, *([1] * dims))
+            t = conv(t, kernel, groups=channels)
+        return t
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    value = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return float(value.mean())
+
+
+def reconstruction(targets: list[torch.Tensor], outputs: list[torch.Tensor]) -> dict[str, float]:
+    """Per image, then averaged over the set."""
+    values: dict[str, list[float]] = {"MAE": [], "RMSE": [], "PSNR": [], "SSIM": []}
+    for target, output in zip(targets, outputs, strict=True):
+        target, output = target.float(), output.float()
+        error = output - target
+        mse = float((error**2).mean())
+        data_range = float(target.max() - target.min()) or 1.0
+        values["MAE"].append(float(error.abs().mean()))
+        values["RMSE"].append(math.sqrt(mse))
+        values["PSNR"].append(10 * math.log10(data_range**2 / mse) if mse > 0 else math.inf)
+        values["SSIM"].append(ssim(target, output, data_range))
+    return {key: float(np.mean(v)) if v else math.nan for key, v in values.items()}
