@@ -91,6 +91,14 @@ class ImageStore:
             self._ranges[index] = (float(image.min()), float(image.max()))
         return self._ranges[index]
 
+    def validate(self) -> tuple[int, ...]:
+        """Open every tensor now (a memory map costs nothing) so a bad file stops the run before training."""
+        shapes = {tuple(self.image(i).shape) for i in range(len(self))}
+        if len(shapes) > 1:
+            raise InputDataError(f"{self.paths[0].parent}: images of different shapes {sorted(shapes)}; "
+                                 "extract every image with the same settings")
+        return shapes.pop()
+
     def __getstate__(self) -> dict:
         # data-loading processes memory-map the files themselves instead of receiving copies
         return {"paths": self.paths, "_tensors": {}, "_ranges": dict(self._ranges)}

@@ -144,16 +144,18 @@ def prepare_fold(config: Config, caps: Caps, folder: SplitFolder, fold: int, rea
     extraction = config.extraction
     paths_train = image_paths(caps, train, extraction)
     paths_validation = image_paths(caps, validation, extraction)
-    shape = tuple(torch.load(paths_train[0], map_location="cpu", weights_only=True, mmap=True).shape[1:])
+    train_store, validation_store = ImageStore(paths_train), ImageStore(paths_validation)
+    shape = train_store.validate()[1:]
+    if validation_store.validate()[1:] != shape:
+        raise UsageError(f"{folder.root}: validation images differ in shape from training images")
     spec = part_spec(settings.mode, shape, extraction, caps)
     targets = lambda rows: [task.target(v) for v in rows[column]] if task_name != "reconstruction" \
         else [task.target(None)] * len(rows)  # noqa: E731
     transform = augment.build(settings.data_augmentation)
-    train_store = ImageStore(paths_train)
     train_set = PartDataset(train_store, spec, targets(train), settings.normalize, transform=transform,
                             seed=settings.seed)
     train_eval = PartDataset(train_store, spec, targets(train), settings.normalize)
-    validation_set = PartDataset(ImageStore(paths_validation), spec, targets(validation), settings.normalize)
+    validation_set = PartDataset(validation_store, spec, targets(validation), settings.normalize)
     return FoldData(fold, train, validation, task, spec, train_set, train_eval, validation_set)
 
 

@@ -2,9 +2,11 @@
 
 trivial: each subject is a real t1-linear image with one hemisphere darkened inside the brain: the left
 for label AD, the right for label CN. A network must learn it; a saliency map must point to it.
+atrophy: the left hemisphere is darkened by a random fraction (0 to --atrophy), written in the column
+"atrophy": a quantity the images encode, for regression.
 Each subject gets its own intensity scaling and noise, so no two generated images are identical.
 
-    python -m clinicadl_app.generate trivial SOURCE_CAPS OUTPUT --n_subjects 40 [--downsample 2]
+    python -m clinicadl_app.generate {trivial,atrophy} SOURCE_CAPS OUTPUT --n_subjects 40 [--downsample 2]
 
 OUTPUT/bids holds participants.tsv (diagnosis, age, sex) and OUTPUT/caps the images, ready for
 `run.py OUTPUT/bids OUT group --caps_dir OUTPUT/caps`.
@@ -37,6 +39,8 @@ class Trivial:
     downsample: int = 1
     """Integer factor: 2 gives 2 mm images (85x104x90), 8 times cheaper to train on, for tests."""
     seed: int = 0
+    continuous: bool = False
+    """Regression variant: a random atrophy fraction of the left hemisphere instead of two classes."""
 
 
 def resample_nearest(mask: np.ndarray, mask_affine: np.ndarray, shape: tuple[int, ...],
@@ -82,17 +86,18 @@ def generate_trivial(source: Caps, output: Path, settings: Trivial) -> pd.DataFr
             loaded[index] = (data, affine)
         data, affine = loaded[index]
         label = "AD" if i % 2 == 0 else "CN"
-        side = "left" if label == "AD" else "right"
+        side = "left" if label == "AD" or settings.continuous else "right"
+        amount = float(rng.uniform(0, settings.atrophy)) if settings.continuous else settings.atrophy
         region = brain_mask(data.shape, affine) & hemisphere(data.shape, affine, side)
         region = ndimage.gaussian_filter(region.astype(np.float32), 1.0)
         scale = float(rng.uniform(0.9, 1.1))
-        noisy = data * scale * (1 - settings.atrophy * region)
+        noisy = data * scale * (1 - amount * region)
         noisy = noisy + rng.normal(0, 0.01 * float(np.percentile(data, 99)), data.shape).astype(np.float32)
         participant_id = f"sub-TRIV{i:03d}"
         image = CapsImage(participant_id, "ses-M000", f"{participant_id}_ses-M000")
         with atomic_path(caps.t1_linear(image)) as tmp:
             nib.save(nib.Nifti1Image(np.clip(noisy, 0, None).astype(np.float32), affine), str(tmp))
-        rows.append({"participant_id": participant_id, "diagnosis": label,
+        rows.append({"participant_id": participant_id, "diagnosis": label, "atrophy": round(amount, 4),
                      "age": round(float(rng.uniform(55, 80)), 1), "sex": str(rng.choice(["F", "M"])),
                      "source": f"{images[index].participant_id}_{images[index].session_id}"})
     table = pd.DataFrame(rows)
@@ -127,7 +132,7 @@ def _write_masks(caps: Caps, data: np.ndarray, affine: np.ndarray) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clinicadl_app.generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=["trivial"])
+    parser.add_argument("kind", choices=["trivial", "atrophy"])
     parser.add_argument("source_caps", type=Path)
     parser.add_argument("output", type=Path)
     parser.add_argument("--n_subjects", "--n-subjects", type=int, default=40)
@@ -137,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         table = generate_trivial(Caps(args.source_caps), args.output,
-                                 Trivial(args.n_subjects, args.atrophy, args.downsample, args.seed))
+                                 Trivial(args.n_subjects, args.atrophy, args.downsample, args.seed,
+                                         continuous=args.kind == "atrophy"))
     except AppError as error:
         print(f"clinicadl-app generate: error: {error.message}", file=sys.stderr)
         return int(error.exit_code)

@@ -306,8 +306,15 @@ class Trainer:
         if writer:
             writer.close()
 
-    def _evaluate(self, validation, train_eval, epoch: int, train_loss: float, speed: float,
-                  wait_share: float, writer, log_path: Path) -> None:
+    def _evaluate(self, *args) -> None:
+        """Evaluation must not touch the training's random stream (dropout in the BatchNorm pass, loader
+        seeds): evaluating more or less often leaves the training itself unchanged."""
+        devices = list(range(torch.cuda.device_count())) if self.device.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            self._evaluate_now(*args)
+
+    def _evaluate_now(self, validation, train_eval, epoch: int, train_loss: float, speed: float,
+                      wait_share: float, writer, log_path: Path) -> None:
         settings = self.settings
         start = time.perf_counter()
         recompute_batchnorm(self.model, train_eval, settings.batchnorm_recompute, settings, self.device)

@@ -1,6 +1,8 @@
 """Copy the small real datasets the project ships (demo and tests) out of ../shared/data (run once).
 
 - demo/bids: 12 IXI adults (2 mm, with skull, PSR orientation), sessionless, age and sex; CC BY-SA 3.0.
+- tests/data/caps2mm: a CAPS of 8 demo subjects after t1-linear (run the demo first: demo_output/caps),
+  downsampled to 2 mm (84x104x90), the real brains the training tests build their trivial datasets from.
 - tests/data/raw2mm: the three raw ~1 mm scans (adult, 10 y, 3 y; RAS, uint8/int16) resampled to 2 mm
   in their own orientation and field of view, so registration tests stay fast on real heads.
 """
@@ -63,6 +65,20 @@ def main() -> None:
         "sex": {"Description": "sex", "Levels": {"M": "male", "F": "female"}},
     }, indent=2) + "\n")
 
+    source = Path("demo_output/caps")
+    target = Path("tests/data/caps2mm")
+    for image in sorted(source.glob("subjects/sub-*/ses-*/t1_linear/*_desc-Crop_res-1x1x1_T1w.nii.gz"))[:8]:
+        img = nib.load(str(image))
+        data = ndimage.zoom(np.asanyarray(img.dataobj, dtype=np.float32), 0.5, order=1)
+        data = np.clip(np.rint(data / np.percentile(data, 99.9) * 255), 0, 255).astype(np.uint8)
+        out = nib.Nifti1Image(data, img.affine @ np.diag([2.0, 2.0, 2.0, 1.0]))
+        destination = target / image.relative_to(source)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(out, str(destination))
+    (target / "README.md").write_text(
+        "t1-linear outputs of 8 demo subjects (IXI, CC BY-SA 3.0) downsampled to 2 mm (84x104x90) for fast\n"
+        "training tests; the file names keep the CAPS convention (res-1x1x1) so the CAPS code reads them.\n"
+    )
     raw = Path("tests/data/raw2mm")
     for participant in ("chris", "child10y", "child3y"):
         src = args.shared / "raw1mm_bids" / f"sub-{participant}" / "anat" / f"sub-{participant}_T1w.nii.gz"

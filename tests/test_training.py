@@ -1,0 +1,275 @@
+"""Training on data with a known answer, made from real brains (tests/data/caps2mm, 2 mm): every task and
+mode learns; BatchNorm recalibration makes early evaluations honest; runs are reproducible and resumable;
+transfer learning refuses a source that saw a test subject; bad input fails before the first epoch."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from clinicadl_app.caps import Caps
+from clinicadl_app.errors import ExitCode
+from clinicadl_app.generate import Trivial, generate_trivial
+
+from .conftest import ROOT, run_app
+
+CAPS2MM = Path(__file__).resolve().parent / "data" / "caps2mm"
+EXPERIMENT = """
+[labels]
+column = "diagnosis"
+values = ["AD", "CN"]
+[split]
+n_test = 0.25
+n_splits = 2
+seed = 0
+max_attempts = 20
+[train]
+mode = "image"
+architecture = "Conv5_FC3"
+epochs = 4
+batch_size = 4
+learning_rate = 1e-4
+"""
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trivial(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("trivial")
+    generate_trivial(Caps(CAPS2MM), root, Trivial(n_subjects=32, seed=0))
+    (root / "experiment.toml").write_text(EXPERIMENT)
+    return root
+
+
+def group(root: Path, out: Path, *args: str, stages=("labels", "split", "train")):
+    return run_app(root / "bids", out, "group", "--caps_dir", root / "caps", "--config", root / "experiment.toml",
+                   "--stages", *stages, *args)
+
+
+def maps_of(out: Path) -> Path:
+    (maps,) = (out / "maps").iterdir()
+    return maps
+
+
+def metric(maps: Path, fold: int, selection: str, group_name: str, name: str, level: str = "image") -> float:
+    table = pd.read_csv(maps / f"split-{fold}" / f"best-{selection}" / group_name /
+                        f"{group_name}_{level}_level_metrics.tsv", sep="\t")
+    return float(table[name].iloc[0])
+
+
+@pytest.fixture(scope="module")
+def image_run(trivial, tmp_path_factory):
+    out = tmp_path_factory.mktemp("image")
+    done = group(trivial, out)
+    assert done.returncode == 0, done.stderr
+    return out, done.stderr
+
+
+def test_image_mode_learns_the_trivial_task_in_every_fold(image_run):
+    out, _ = image_run
+    maps = maps_of(out)
+    for fold in (0, 1):
+        assert metric(maps, fold, "BA", "validation", "BA") >= 0.9
+
+
+def test_every_maps_file_exists_and_parses(image_run):
+    out, log = image_run
+    maps = maps_of(out)
+    record = json.loads((maps / "maps.json").read_text())
+    assert record["label_code"] == {"AD": 0, "CN": 1} and record["input_size"] == [1, 84, 104, 90]
+    assert record["train"]["architecture"] == "Conv5_FC3" and record["extraction"]["mode"] == "image"
+    assert record["split"]["split"]["seed"] == 0 and record["seed"] == 0
+    environment = (maps / "environment.txt").read_text()
+    assert "torch " in environment and "cpu " in environment and "packages:" in environment
+    seen = pd.read_csv(maps / "groups" / "train+validation.tsv", sep="\t")
+    train = pd.read_csv(out / "splits" / "diagnosis_AD_CN" / "train.tsv", sep="\t")
+    assert set(seen.participant_id) == set(train.participant_id)
+    for fold in (0, 1):
+        for group_name in ("train", "validation"):
+            data = pd.read_csv(maps / "groups" / group_name / f"split-{fold}" / "data.tsv", sep="\t")
+            assert len(data) and json.loads((maps / "groups" / group_name / f"split-{fold}" / "maps.json").read_text())
+        log_table = pd.read_csv(maps / f"split-{fold}" / "training_logs" / "training.tsv", sep="\t")
+        assert list(log_table.epoch) == [0, 1, 2, 3]
+        assert {"loss_train", "loss_validation", "BA_validation", "data_wait_share", "images_per_second"} <= set(log_table)
+        assert list((maps / f"split-{fold}" / "training_logs" / "tensorboard").glob("events.out.tfevents.*"))
+        assert not (maps / f"split-{fold}" / "tmp").exists(), "checkpoints are removed when a fold finishes"
+        for selection in ("loss", "BA"):
+            state = torch.load(maps / f"split-{fold}" / f"best-{selection}" / "model.pth.tar", weights_only=True)
+            assert state["name"] == "Conv5_FC3" and "convolutions.0.weight" in state["model"]
+            for group_name in ("train", "validation"):
+                prediction = pd.read_csv(maps / f"split-{fold}" / f"best-{selection}" / group_name /
+                                         f"{group_name}_image_level_prediction.tsv", sep="\t")
+                assert {"participant_id", "session_id", "true_label", "predicted_label", "proba0", "proba1"} <= set(prediction)
+                assert metric(maps, fold, selection, group_name, "loss") >= 0
+    assert "extracting the image tensors" in log, "a CAPS without tensors is extracted first, and says so"
+
+
+@pytest.mark.parametrize(
+    ("mode", "extra"),
+    [
+        ("patch", ["--patch_size", "42", "--stride_size", "42"]),
+        ("roi", ["--roi_list", "leftHippocampusBox", "rightHippocampusBox"]),
+        ("slice", ["--slice_direction", "2", "--discarded_slices", "25", "--architecture", "Conv4_FC3"]),
+        ("roi", ["--roi_list", "leftHippocampusBox", "rightHippocampusBox", "--multi_network"]),
+    ],
+    ids=["patch", "roi", "slice", "roi-multi"],
+)
+def test_part_modes_learn(trivial, tmp_path, mode, extra):
+    done = group(trivial, tmp_path, "--mode", mode, "--split", "0", "--epochs", "6", *extra)
+    assert done.returncode == 0, done.stderr
+    maps = maps_of(tmp_path)
+    assert metric(maps, 0, "BA", "validation", "BA") >= 0.8
+    part = {"patch": "patch_id", "roi": "roi_id", "slice": "slice_id"}[mode]
+    parts = pd.read_csv(maps / "split-0" / "best-BA" / "validation" / f"validation_{mode}_level_prediction.tsv",
+                        sep="\t")
+    assert part in parts and parts[part].nunique() > 1
+    if "--multi_network" in extra:
+        assert (maps / "split-0" / "best-BA" / "network-1" / "model.pth.tar").exists()
+
+
+def test_regression_learns_a_quantity_the_images_encode(tmp_path):
+    generate_trivial(Caps(CAPS2MM), tmp_path / "data", Trivial(n_subjects=40, seed=1, continuous=True))
+    done = run_app(tmp_path / "data" / "bids", tmp_path / "out", "group", "--caps_dir", tmp_path / "data" / "caps",
+                   "--stages", "labels", "split", "train", "--column", "atrophy", "--task", "regression",
+                   "--n_test", "0.2", "--n_splits", "0", "--n_validation", "0.3", "--max_attempts", "5",
+                   "--epochs", "10", "--batch_size", "4", "--learning_rate", "1e-3", "--dropout", "0.2")
+    assert done.returncode == 0, done.stderr
+    maps = maps_of(tmp_path / "out")
+    assert metric(maps, 0, "loss", "validation", "R2") > 0.8
+    record = json.loads((maps / "maps.json").read_text())
+    assert record["task"] == "regression" and record["label_code"] is None
+
+
+def test_reconstruction_loss_falls(trivial, tmp_path):
+    done = group(trivial, tmp_path, "--network_task", "reconstruction", "--split", "0", "--epochs", "3",
+                 "--learning_rate", "1e-3")
+    assert done.returncode == 0, done.stderr
+    maps = maps_of(tmp_path)
+    losses = pd.read_csv(maps / "split-0" / "training_logs" / "training.tsv", sep="\t").loss_validation.tolist()
+    assert losses[-1] < 0.8 * losses[0]
+    assert metric(maps, 0, "loss", "validation", "SSIM") > 0
+    assert math.isfinite(metric(maps, 0, "loss", "validation", "PSNR"))
+
+
+def test_batchnorm_recalibration_makes_early_evaluation_reflect_the_model(trivial, tmp_path):
+    """Without it, eval-mode outputs stay constant (loss ln 2, BA 0.5) although training already separates
+    the classes; with it, the same weights classify the validation set."""
+    runs = {}
+    for recompute in (0, 64):
+        out = tmp_path / f"bn{recompute}"
+        done = group(trivial, out, "--split", "1", "--epochs", "2", "--batchnorm_recompute", str(recompute))
+        assert done.returncode == 0, done.stderr
+        runs[recompute] = pd.read_csv(maps_of(out) / "split-1" / "training_logs" / "training.tsv", sep="\t")
+    stale, fresh = runs[0], runs[64]
+    assert (stale.loss_train.to_numpy() == fresh.loss_train.to_numpy()).all(), "same training, only evaluation differs"
+    assert (abs(stale.loss_validation - math.log(2)) < 0.01).all() and (stale.BA_validation == 0.5).all()
+    assert fresh.BA_validation.max() >= 0.9 and fresh.loss_validation.min() < 0.6
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_deterministic_runs_and_kill_resume_give_identical_weights(trivial, tmp_path):
+    args = ["--split", "0", "--epochs", "3", "--deterministic", "--evaluate_train"]
+    first = group(trivial, tmp_path / "a", *args)
+    second = group(trivial, tmp_path / "b", *args)
+    assert first.returncode == second.returncode == 0
+    a, b = maps_of(tmp_path / "a"), maps_of(tmp_path / "b")
+    for selection in ("loss", "BA"):
+        for name, tensor in _weights(a / "split-0" / f"best-{selection}" / "model.pth.tar").items():
+            assert torch.equal(tensor, _weights(b / "split-0" / f"best-{selection}" / "model.pth.tar")[name]), name
+
+    # kill a third run after its first checkpoint, then start it again
+    out = tmp_path / "c"
+    setup = group(trivial, out, *args, stages=("labels", "split"))
+    assert setup.returncode == 0
+    command = [sys.executable, str(ROOT / "run.py"), str(trivial / "bids"), str(out), "group", "--caps_dir",
+               str(trivial / "caps"), "--config", str(trivial / "experiment.toml"), "--stages", "train", *args]
+    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    checkpoint = None
+    while time.time() < deadline and job.poll() is None:
+        found = list(out.glob("maps/*/split-0/tmp/checkpoint.pth.tar"))
+        if found:
+            checkpoint = found[0]
+            break
+        time.sleep(0.05)
+    assert checkpoint is not None, "the run ended before its first checkpoint"
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    resumed = run_app(trivial / "bids", out, "group", "--caps_dir", trivial / "caps", "--config",
+                      trivial / "experiment.toml", "--stages", "train", *args)
+    assert resumed.returncode == 0 and "resuming after epoch" in resumed.stderr, resumed.stderr
+    c = maps_of(out)
+    for name, tensor in _weights(a / "split-0" / "best-loss" / "model.pth.tar").items():
+        assert torch.equal(tensor, _weights(c / "split-0" / "best-loss" / "model.pth.tar")[name]), name
+    columns = ["epoch", "loss_train", "loss_validation", "loss_train"]
+    log_a = pd.read_csv(a / "split-0" / "training_logs" / "training.tsv", sep="\t")[columns]
+    log_c = pd.read_csv(c / "split-0" / "training_logs" / "training.tsv", sep="\t")[columns]
+    pd.testing.assert_frame_equal(log_a, log_c)
+
+
+def test_transfer_learning(trivial, tmp_path):
+    source_out = tmp_path / "source"
+    source = group(trivial, source_out, "--network_task", "reconstruction", "--epochs", "1", "--split", "0")
+    assert source.returncode == 0, source.stderr
+    source_maps = maps_of(source_out)
+    # same split: the source saw only training subjects -> accepted, autoencoder -> CNN
+    target = run_app(trivial / "bids", source_out, "group", "--caps_dir", trivial / "caps", "--config",
+                     trivial / "experiment.toml", "--stages", "train", "--split", "0", "--epochs", "1",
+                     "--transfer_path", source_maps, "--experiment", "from_ae")
+    assert target.returncode == 0, target.stderr
+    assert "transfer:" in target.stderr
+    seen = pd.read_csv(source_out / "maps" / "from_ae" / "groups" / "train+validation.tsv", sep="\t")
+    assert set(seen.maps) == {"from_ae", source_maps.name}
+    # another split whose test set holds subjects the source trained on -> refused
+    other = run_app(trivial / "bids", tmp_path / "other", "group", "--caps_dir", trivial / "caps", "--config",
+                    trivial / "experiment.toml", "--stages", "labels", "split", "train", "--split_seed", "5",
+                    "--transfer_path", source_maps)
+    assert other.returncode == ExitCode.LEAKAGE, other.stderr
+    assert "biased transfer learning" in other.stderr and "sub-TRIV" in other.stderr
+    assert not list((tmp_path / "other").glob("maps/*/split-*/best-*"))
+
+
+def test_bad_input_fails_before_the_first_epoch(trivial, tmp_path):
+    wrong = group(trivial, tmp_path / "a", "--architecture", "resnet18")
+    assert wrong.returncode == ExitCode.USAGE and "resnet18" in wrong.stderr
+    assert not list((tmp_path / "a").glob("maps/*/split-*"))
+    custom = group(trivial, tmp_path / "b", "--architecture", "no.such:Net")
+    assert custom.returncode == ExitCode.USAGE and "no.such:Net" in custom.stderr
+    one_class = group(trivial, tmp_path / "c", "--classes", "AD")
+    assert one_class.returncode == ExitCode.USAGE and "needs every class" in one_class.stderr
+
+
+def test_missing_images_and_corrupt_tensors(trivial, tmp_path):
+    copy = tmp_path / "data"
+    subprocess.run(["cp", "-r", str(trivial), str(copy)], check=True)
+    out = tmp_path / "out"
+    assert group(copy, out, stages=("labels", "split")).returncode == 0
+    subject = pd.read_csv(out / "splits" / "diagnosis_AD_CN" / "split-0" / "train.tsv", sep="\t").participant_id[0]
+    image_dir = copy / "caps" / "subjects" / subject
+    image_dir.rename(tmp_path / "moved")
+    missing = group(copy, out, stages=("train",))
+    assert missing.returncode == ExitCode.MISSING_INPUT and subject in missing.stderr
+    assert not list(out.glob("maps/*/split-*/best-*"))
+    (tmp_path / "moved").rename(image_dir)
+    caps = Caps(copy / "caps")
+    images, _ = caps.index()
+    (image,) = [i for i in images if i.participant_id == subject]
+    tensor = caps.image_tensor(image)
+    tensor.parent.mkdir(parents=True, exist_ok=True)
+    tensor.write_bytes(b"not a tensor")
+    corrupt = group(copy, out, "--epochs", "1", "--split", "0", stages=("train",))
+    assert corrupt.returncode == ExitCode.DATA_ERROR and "corrupt tensor" in corrupt.stderr
+    assert tensor.name in corrupt.stderr and "Traceback" not in corrupt.stderr
+    assert not list(out.glob("maps/*/split-*/best-*")), "nothing may be trained on a corrupt input"
