@@ -28,8 +28,9 @@ class CNN(nn.Module):
 
 
 def _conv_block(kind, in_channels: int, out_channels: int, pool: bool, stride: int = 1) -> list[nn.Module]:
-    block = [kind.conv(in_channels, out_channels, 3, padding=1, stride=stride), kind.norm(out_channels), nn.ReLU()]
-    return block + [kind.pool(2, 2)] if pool else block
+    block = [kind.conv(in_channels, out_channels, 3, padding=1, stride=stride), kind.norm(out_channels),
+             nn.ReLU(inplace=True)]
+    return block + [kind.pool(2, 2, nonnegative=True)] if pool else block
 
 
 def _features(in_shape: tuple[int, ...], channels: tuple[int, ...], pool: bool, stride: int) -> nn.Sequential:

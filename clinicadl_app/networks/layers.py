@@ -19,10 +19,13 @@ class PadMaxPool(nn.Module):
     With `return_indices` it also returns the indices and the padding, for CropMaxUnpool.
     """
 
-    def __init__(self, kernel_size: int, stride: int, spatial_dims: int = 3, return_indices: bool = False):
+    def __init__(self, kernel_size: int, stride: int, spatial_dims: int = 3, return_indices: bool = False,
+                 nonnegative: bool = False):
         super().__init__()
         self.kernel_size, self.stride, self.spatial_dims = kernel_size, stride, spatial_dims
         self.return_indices = return_indices
+        self.nonnegative = nonnegative
+        """Inputs are >= 0 (after a ReLU): zero padding then equals the pooling's own -inf padding."""
 
     def padding(self, shape: torch.Size) -> tuple[int, ...]:
         """F.pad order (last axis first), padding before each axis as ClinicaDL does."""
@@ -34,9 +37,13 @@ class PadMaxPool(nn.Module):
 
     def forward(self, x: torch.Tensor):
         pad = self.padding(x.shape)
+        pool = F.max_pool3d if self.spatial_dims == 3 else F.max_pool2d
+        if self.nonnegative and not self.return_indices and self.kernel_size == 2 == self.stride and max(pad) <= 1:
+            # one voxel of padding before an odd axis gives the same windows as symmetric padding of one
+            # with the last, incomplete window dropped: pool in place instead of copying a padded tensor
+            return pool(x, 2, 2, padding=tuple(pad[::2][::-1]))
         if any(pad):
             x = F.pad(x, pad)
-        pool = F.max_pool3d if self.spatial_dims == 3 else F.max_pool2d
         if self.return_indices:
             out, indices = pool(x, self.kernel_size, self.stride, return_indices=True)
             return out, indices, pad
@@ -73,8 +80,8 @@ class Layers:
     norm: type[nn.Module]
     spatial_dims: int
 
-    def pool(self, kernel_size: int = 2, stride: int = 2) -> PadMaxPool:
-        return PadMaxPool(kernel_size, stride, self.spatial_dims)
+    def pool(self, kernel_size: int = 2, stride: int = 2, nonnegative: bool = False) -> PadMaxPool:
+        return PadMaxPool(kernel_size, stride, self.spatial_dims, nonnegative=nonnegative)
 
 
 def layers(spatial_dims: int) -> Layers:
