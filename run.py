@@ -3,7 +3,7 @@
 
 import sys
 
-from clinicadl_app.cli import main
+from clinicadl_app.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

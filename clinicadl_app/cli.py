@@ -127,6 +127,15 @@ def setup_logging(config: Config) -> None:
     log_to_console(logging.DEBUG if execution.verbose else logging.WARNING if execution.quiet else logging.INFO)
 
 
+def run() -> int:
+    """The console entry point (run.py, clinicadl-app): main() in a process set up for training."""
+    if "group" in sys.argv[1:]:
+        from .allocator import restart_with_tcmalloc
+
+        restart_with_tcmalloc()
+    return main()
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         config = parse_args(argv)

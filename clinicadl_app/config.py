@@ -238,6 +238,39 @@ class Train:
 
 
 @dataclass(frozen=True)
+class Predict:
+    """Selected models evaluated on a group: the split's test set, or a new dataset."""
+
+    maps_dir: Path | None = option(None, "the MAPS to predict with (default: OUTPUT_DIR/maps/<experiment>)")
+    group_name: str = option("test", "the group: 'test' is the split's test set; another name takes every "
+                             "image of BIDS_DIR that has a t1-linear image in the CAPS")
+    skip_leak_check: bool = option(False, "evaluate even on subjects or images seen in training (recorded)")
+    near_duplicate: float = option(0.98, "image signature correlation from which two images are the same scan")
+
+    def __post_init__(self) -> None:
+        if not self.group_name.replace("-", "").replace("_", "").isalnum():
+            raise ValueError("--group_name may contain only letters, digits, '-' and '_'")
+        if self.group_name in ("train", "validation", "train+validation"):
+            raise ValueError(f"--group_name {self.group_name} is reserved for the data a model was trained on")
+
+
+@dataclass(frozen=True)
+class Interpret:
+    """Attribution maps of the selected models on the predicted group, as NIfTI in MNI space."""
+
+    methods: tuple[Literal["gradients", "grad-cam", "integrated-gradients", "occlusion"], ...] = option(
+        ("gradients", "grad-cam"), "attribution methods (captum)", metavar="METHOD")
+    target: Literal["true", "predicted"] = option("true", "class explained: the true label (when known) or the "
+                                                  "predicted one")
+    layer: int = option(-1, "Grad-CAM: which convolution block (0 first, -1 last)")
+    save_individual: bool = option(False, "also write one map per image")
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise ValueError("--methods needs at least one method")
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything one invocation was asked to do."""
 
@@ -250,6 +283,8 @@ class Config:
     labels: Labels = field(default_factory=Labels)
     split: Split = field(default_factory=Split)
     train: Train = field(default_factory=Train)
+    predict: Predict = field(default_factory=Predict)
+    interpret: Interpret = field(default_factory=Interpret)
 
     SECTIONS: ClassVar[dict[str, type]] = {
         "execution": Execution,
@@ -258,6 +293,8 @@ class Config:
         "labels": Labels,
         "split": Split,
         "train": Train,
+        "predict": Predict,
+        "interpret": Interpret,
     }
 
     @property

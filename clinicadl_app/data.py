@@ -22,7 +22,7 @@ from . import augment, modes
 from .caps import Caps, CapsImage
 from .config import Extraction
 from .errors import InputDataError, MissingInputError
-from .extraction import extract, load_mask
+from .extraction import extract, load_mask, write_descriptions
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,7 @@ def image_paths(caps: Caps, rows: pd.DataFrame, extraction: Extraction, overwrit
         settings = Extraction(modes=("image",), use_uncropped_image=extraction.use_uncropped_image)
         for image in absent:
             extract(caps, image, settings, overwrite=overwrite)
+        write_descriptions(caps, settings)
     return [caps.image_tensor(image, cropped) for image in chosen]
 
 

@@ -116,7 +116,7 @@ def run_training(config: Config, splits_dir: Path, maps_dir: Path) -> Maps:
             write_tsv(maps.group_data(group, data.fold), rows)
             write_json(maps.group_record(group, data.fold), {
                 "caps_directory": str(caps.root), "split_directory": str(folder.root), "fold": data.fold,
-                "label": column, "origin": "split"})
+                "label": column, "origin": "split", "task": task_record(data.task)})
     for data in prepared:
         if fold_complete(maps, data.fold, selection_metrics(config, data.task)):
             log.info("split-%d: already trained; skipping (remove the fold folder to train it again)", data.fold)
@@ -176,8 +176,7 @@ def maps_record(config: Config, folder: SplitFolder, data: FoldData, caps: Caps)
                       pretrained_weights=settings.pretrained_weights)
     except ArchitectureError as error:
         raise UsageError(f"[train] architecture: {error}") from None
-    train = {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
-             for k, v in asdict(settings).items()}
+    train = _plain(asdict(settings))
     return {
         "clinicadl_app_version": __version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -198,9 +197,31 @@ def maps_record(config: Config, folder: SplitFolder, data: FoldData, caps: Caps)
         "split_directory": str(folder.root),
         "caps_directory": str(caps.root),
         "extraction": extraction_description(settings.mode, config.extraction, caps),
+        "extraction_settings": _plain(asdict(config.extraction)),
         "preprocessing": "t1-linear",
         "command": sys.argv,
     }
+
+
+def _plain(values: dict) -> dict:
+    return {k: ([str(x) if isinstance(x, Path) else x for x in v] if isinstance(v, tuple)
+                else str(v) if isinstance(v, Path) else v) for k, v in values.items()}
+
+
+def task_record(task: Task) -> dict:
+    """What predict needs to rebuild a fold's task (classes, target scaling)."""
+    return {"name": task.name, "loss": task.loss_name, **{k: getattr(task, k) for k in ("classes", "mean", "std")
+                                                           if hasattr(task, k)}}
+
+
+def task_from_record(record: dict) -> Task:
+    from .tasks import Reconstruction, Regression
+
+    if record["name"] == "classification":
+        return Classification(record["classes"], record["loss"])
+    if record["name"] == "regression":
+        return Regression(record["loss"], record["mean"], record["std"])
+    return Reconstruction(record["loss"])
 
 
 def _comparable(record: dict) -> dict:
@@ -228,14 +249,20 @@ def _write_maps_record(maps: Maps, record: dict, overwrite: bool) -> None:
 
 
 def _write_seen(maps: Maps, train: pd.DataFrame, caps: Caps, transfer) -> None:
-    from .fingerprint import fingerprint_rows
+    """Every session used for training or selection, with content fingerprints, for later leakage checks."""
+    from .fingerprint import Signatures, fingerprint_rows
 
-    seen = fingerprint_rows(caps, train[KEYS].drop_duplicates())
+    keys = train[KEYS].drop_duplicates()
+    seen = fingerprint_rows(caps, keys)
     seen.insert(2, "maps", maps.root.name)
+    signatures = Signatures.of(caps, keys)
     if transfer is not None:
         seen = pd.concat([seen, transfer.seen], ignore_index=True)
+        if transfer.source.seen_signatures.exists():
+            signatures = signatures + Signatures.load(transfer.source.seen_signatures)
     with lock(maps.seen):
         write_tsv(maps.seen, seen.drop_duplicates(KEYS + ["maps"]).sort_values(KEYS).reset_index(drop=True))
+        signatures.save(maps.seen_signatures)
 
 
 def fold_complete(maps: Maps, fold: int, metrics: tuple[str, ...]) -> bool:
@@ -279,12 +306,26 @@ def _restrict(dataset: PartDataset, parts: tuple[int, ...] | None) -> PartDatase
     return copy
 
 
-def load_model(path: Path, config_train: Train, in_shape, output_size: int, autoencoder: bool, device: Device):
-    model = build_network(config_train.architecture, in_shape, output_size or 1, config_train.dropout,
-                          autoencoder=autoencoder)
-    state = torch.load(path, map_location=device.device, weights_only=True)
-    model.load_state_dict(state["model"])
-    return model.to(device.device), state
+def load_selected(maps: Maps, fold: int, metric: str, settings: Train, in_shape: tuple[int, ...], task: Task,
+                  device: Device) -> list[tuple[int | None, torch.nn.Module, dict]]:
+    """The selected model(s) of a fold: [(network, model, saved state)], loaded with weights_only=True."""
+    from .errors import InputDataError
+
+    models = []
+    for network in maps.networks(fold, metric):
+        path = maps.model(fold, metric, network)
+        model = build_network(settings.architecture, in_shape, task.output_size or 1, settings.dropout,
+                              autoencoder=task.name == "reconstruction")
+        try:
+            state = torch.load(path, map_location=device.device, weights_only=True)
+            model.load_state_dict(state["model"])
+        except FileNotFoundError:
+            raise InputDataError(f"{path}: model missing; train this fold again") from None
+        except Exception as error:  # noqa: BLE001 - any unpickling failure means a damaged file
+            raise InputDataError(f"{path}: not a readable model ({type(error).__name__}: {error}); "
+                                 "train this fold again") from None
+        models.append((network, model.to(device.device), state))
+    return models
 
 
 def write_results(config: Config, maps: Maps, data: FoldData, metrics: tuple[str, ...], device: Device) -> None:
@@ -293,12 +334,7 @@ def write_results(config: Config, maps: Maps, data: FoldData, metrics: tuple[str
 
     settings = config.train
     for metric in metrics:
-        networks = maps.networks(data.fold, metric)
-        models = []
-        for network in networks:
-            model, state = load_model(maps.model(data.fold, metric, network), settings, input_shape(data),
-                                      data.task.output_size, network_task(config) == "reconstruction", device)
-            models.append((network, model, state))
+        models = load_selected(maps, data.fold, metric, settings, input_shape(data), data.task, device)
         validation = evaluate_group(models, data.task, settings, device, data.validation,
                                     data.validation_set, None)
         evaluate_group(models, data.task, settings, device, data.train, data.train_eval, validation.weights,

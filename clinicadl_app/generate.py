@@ -28,7 +28,7 @@ from scipy import ndimage
 from .atomic import atomic_path, write_json
 from .caps import Caps, CapsImage
 from .errors import AppError, MissingInputError
-from .preprocessing import templates
+from .preprocessing.templates import brain_mask, resample_nearest
 
 
 @dataclass(frozen=True)
@@ -41,23 +41,6 @@ class Trivial:
     seed: int = 0
     continuous: bool = False
     """Regression variant: a random atrophy fraction of the left hemisphere instead of two classes."""
-
-
-def resample_nearest(mask: np.ndarray, mask_affine: np.ndarray, shape: tuple[int, ...],
-                     affine: np.ndarray) -> np.ndarray:
-    """A binary image brought onto another grid of the same space by nearest neighbour."""
-    voxels = np.indices(shape).reshape(3, -1)
-    world = affine @ np.vstack([voxels, np.ones(voxels.shape[1])])
-    inside = np.rint(np.linalg.solve(mask_affine, world)[:3]).astype(int)
-    valid = np.all((inside >= 0) & (inside < np.array(mask.shape)[:, None]), axis=0)
-    out = np.zeros(voxels.shape[1], dtype=bool)
-    out[valid] = mask[tuple(inside[:, valid])]
-    return out.reshape(shape)
-
-
-def brain_mask(shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
-    mask_img = nib.load(str(templates.path(templates.MNI_BRAIN_MASK)))
-    return resample_nearest(np.asanyarray(mask_img.dataobj) > 0.5, mask_img.affine, shape, affine)
 
 
 def hemisphere(shape: tuple[int, ...], affine: np.ndarray, side: str) -> np.ndarray:

@@ -24,7 +24,7 @@ from .splits import KEYS, SplitFolder, baseline, make_split, population, select
 
 log = logging.getLogger("clinicadl_app")
 
-IMPLEMENTED = ("labels", "split", "train")
+IMPLEMENTED = ("labels", "split", "train", "predict", "interpret", "report")
 
 
 def run(config: Config) -> ExitCode:
@@ -40,6 +40,10 @@ def run(config: Config) -> ExitCode:
     log_to_file(layout.run_record("group", ".log"))
     write_text(layout.run_record("group", ".toml"), config.to_toml())
     folder = SplitFolder(layout.splits_dir / config.labels.folder)
+    if {"train", "predict", "interpret"} & set(stages):
+        from .allocator import keep_freed_memory
+
+        keep_freed_memory()
     if "labels" in stages:
         labels_stage(config, folder)
     if "split" in stages:
@@ -48,6 +52,23 @@ def run(config: Config) -> ExitCode:
         from .experiment import run_training
 
         run_training(config, layout.splits_dir, layout.maps_dir)
+    if "predict" in stages:
+        from .predict import run_predict
+
+        run_predict(config, layout.maps_dir)
+    if "interpret" in stages:
+        from .interpret import run_interpret
+
+        run_interpret(config, layout.maps_dir)
+    if "report" in stages:
+        from .experiment import experiment_name
+        from .maps import Maps
+        from .report import write_report
+
+        maps = Maps(config.predict.maps_dir or layout.maps_dir / experiment_name(config))
+        if not maps.record.is_file():
+            raise UsageError(f"{maps.root}: no MAPS to report on; train first or give --maps_dir")
+        write_report(maps)
     return ExitCode.OK
 
 

@@ -49,6 +49,11 @@ class Maps:
         """Sessions used for training or model selection, including transfer sources'."""
         return self.root / "groups" / f"{TRAIN_VALIDATION}.tsv"
 
+    @property
+    def seen_signatures(self) -> Path:
+        """Image signatures of the sessions in train+validation.tsv (fingerprint.py)."""
+        return self.root / "groups" / f"{TRAIN_VALIDATION}_signatures.npz"
+
     def group_dir(self, group: str, fold: int | None = None) -> Path:
         folder = self.root / "groups" / group
         return folder if fold is None else folder / f"split-{fold}"
@@ -127,6 +132,9 @@ def environment_text(command: list[str] | None = None) -> str:
         lines += [f"gpu {i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
     else:
         lines.append("gpu none")
+    from .allocator import preloaded
+
+    lines.append(f"allocator {preloaded() or 'glibc'}")
     image = container()
     lines.append(f"container {image['Type']} {image['Tag']}" if image else "container none")
     if command:

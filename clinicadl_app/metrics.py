@@ -123,3 +123,54 @@ def reconstruction(targets: list[torch.Tensor], outputs: list[torch.Tensor]) -> 
         values["PSNR"].append(10 * math.log10(data_range**2 / mse) if mse > 0 else math.inf)
         values["SSIM"].append(ssim(target, output, data_range))
     return {key: float(np.mean(v)) if v else math.nan for key, v in values.items()}
+
+
+def bootstrap(y_true: np.ndarray, scores: np.ndarray, kind: str, n: int = 1000, seed: int = 0) -> dict[str, tuple]:
+    """95 % percentile bootstrap intervals over images, vectorised (n resamples of the whole set).
+
+    kind "classification": y_true class indices, scores (m, k) probabilities -> accuracy, BA, sensitivity,
+    specificity and AUC (binary); kind "regression": scores the predictions -> MAE, RMSE, R2.
+    """
+    y_true = np.asarray(y_true)
+    m = len(y_true)
+    if m < 2:
+        return {}
+    rng = np.random.default_rng(seed)
+    index = rng.integers(0, m, size=(n, m))
+    truth = y_true[index]
+    out: dict[str, np.ndarray] = {}
+    if kind == "classification":
+        proba = np.asarray(scores)
+        k = proba.shape[1]
+        predicted = proba.argmax(1)[index]
+        hit = predicted == truth
+        out["accuracy"] = hit.mean(1)
+        recalls = []
+        for c in range(k):
+            members = truth == c
+            with np.errstate(invalid="ignore", divide="ignore"):
+                recalls.append((hit & members).sum(1) / members.sum(1))
+        out["BA"] = np.nanmean(np.stack(recalls), 0) if k else np.full(n, np.nan)
+        if k == 2:
+            out["sensitivity"], out["specificity"] = recalls[1], recalls[0]
+            score = proba[:, 1][index]
+            order = np.argsort(score, axis=1, kind="stable")
+            ranks = np.empty_like(order, dtype=float)
+            np.put_along_axis(ranks, order, np.arange(1, m + 1, dtype=float)[None, :].repeat(n, 0), axis=1)
+            positives = (truth == 1).sum(1)
+            negatives = m - positives
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out["AUC"] = ((ranks * (truth == 1)).sum(1) - positives * (positives + 1) / 2) / (positives * negatives)
+    else:
+        predicted = np.asarray(scores, float)[index]
+        error = predicted - truth
+        out["MAE"] = np.abs(error).mean(1)
+        out["RMSE"] = np.sqrt((error**2).mean(1))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out["R2"] = 1 - (error**2).sum(1) / ((truth - truth.mean(1, keepdims=True)) ** 2).sum(1)
+    intervals = {}
+    for name, values in out.items():
+        finite = values[np.isfinite(values)]
+        if len(finite) >= n // 2:
+            intervals[name] = (float(np.percentile(finite, 2.5)), float(np.percentile(finite, 97.5)))
+    return intervals

@@ -26,12 +26,17 @@ class GroupResult:
     part_metrics: dict[str, float] | None = None
     weights: dict[int, float] | None = None
     level: str = "image"
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Bootstrap 95 % intervals of the image-level metrics."""
     models: list[tuple[int | None, int]] = field(default_factory=list)
     """(network, epoch) of each model used."""
 
     def write(self, maps: Maps, fold: int, metric: str, group: str, note: str = "") -> None:
         write_tsv(maps.prediction(fold, metric, group, "image"), self.images)
-        write_tsv(maps.metrics(fold, metric, group, "image"), pd.DataFrame([self.image_metrics]))
+        row = dict(self.image_metrics)
+        for name, (low, high) in self.intervals.items():
+            row[f"{name}_ci95_low"], row[f"{name}_ci95_high"] = low, high
+        write_tsv(maps.metrics(fold, metric, group, "image"), pd.DataFrame([row]))
         if self.parts is not None:
             write_tsv(maps.prediction(fold, metric, group, self.level), self.parts)
             write_tsv(maps.metrics(fold, metric, group, self.level), pd.DataFrame([self.part_metrics]))
@@ -74,6 +79,18 @@ def evaluate_group(models, task: Task, settings, device: Device, rows: pd.DataFr
                              {"loss": loss, **task.metrics(parts)}, used, settings.mode, info)
     else:
         result = GroupResult(parts, {"loss": loss, **task.metrics(parts)}, models=info)
+    result.intervals = intervals(task, result.images)
     if write:
         result.write(*write)
     return result
+
+
+def intervals(task: Task, images: pd.DataFrame) -> dict[str, tuple[float, float]]:
+    from .metrics import bootstrap
+
+    if task.name == "classification":
+        proba = images[[f"proba{i}" for i in range(task.output_size)]].to_numpy()
+        return bootstrap(images.true_label.to_numpy(int), proba, "classification")
+    if task.name == "regression":
+        return bootstrap(images.true_label.to_numpy(float), images.predicted_label.to_numpy(float), "regression")
+    return {}

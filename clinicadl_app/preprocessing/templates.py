@@ -37,3 +37,23 @@ def cropped_affine(affine: np.ndarray) -> np.ndarray:
     shift = np.eye(4)
     shift[:3, 3] = [CROP[0].start, CROP[1].start, CROP[2].start]
     return affine @ shift
+
+
+def resample_nearest(mask: np.ndarray, mask_affine: np.ndarray, shape: tuple[int, ...],
+                     affine: np.ndarray) -> np.ndarray:
+    """A binary image brought onto another grid of the same space by nearest neighbour."""
+    voxels = np.indices(shape).reshape(3, -1)
+    world = affine @ np.vstack([voxels, np.ones(voxels.shape[1])])
+    inside = np.rint(np.linalg.solve(mask_affine, world)[:3]).astype(int)
+    valid = np.all((inside >= 0) & (inside < np.array(mask.shape)[:, None]), axis=0)
+    out = np.zeros(voxels.shape[1], dtype=bool)
+    out[valid] = mask[tuple(inside[:, valid])]
+    return out.reshape(shape)
+
+
+def brain_mask(shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+    """The template brain mask on any grid of the template space (cropped, downsampled...)."""
+    import nibabel as nib
+
+    mask_img = nib.load(str(path(MNI_BRAIN_MASK)))
+    return resample_nearest(np.asanyarray(mask_img.dataobj) > 0.5, mask_img.affine, shape, affine)
