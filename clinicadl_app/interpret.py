@@ -49,7 +49,8 @@ def attribute(model: nn.Module, method: str, inputs: torch.Tensor, target: torch
     if method == "gradients":
         return attr.Saliency(model).attribute(inputs, target=target, abs=True).detach()
     if method == "grad-cam":
-        cam = attr.LayerGradCam(model, _conv_layer(model, layer)).attribute(inputs, target=target, relu_attributions=True)
+        grad_cam = attr.LayerGradCam(model, _conv_layer(model, layer))
+        cam = grad_cam.attribute(inputs, target=target, relu_attributions=True)
         mode = "trilinear" if inputs.dim() == 5 else "bilinear"
         up = attr.LayerAttribution.interpolate(cam.detach(), tuple(inputs.shape[2:]), interpolate_mode=mode)
         return up.expand_as(inputs).clamp(min=0)

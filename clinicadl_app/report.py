@@ -51,7 +51,8 @@ def _file_uri(path: Path) -> str:
 
 
 def _img(uri: str, caption: str) -> str:
-    return f"<figure><img src='{uri}' alt='{html.escape(caption)}'><figcaption>{html.escape(caption)}</figcaption></figure>"
+    text = html.escape(caption)
+    return f"<figure><img src='{uri}' alt='{text}'><figcaption>{text}</figcaption></figure>"
 
 
 def _table(frame: pd.DataFrame) -> str:
