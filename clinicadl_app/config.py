@@ -245,7 +245,7 @@ class Predict:
     group_name: str = option("test", "the group: 'test' is the split's test set; another name takes every "
                              "image of BIDS_DIR that has a t1-linear image in the CAPS")
     skip_leak_check: bool = option(False, "evaluate even on subjects or images seen in training (recorded)")
-    near_duplicate: float = option(0.98, "image signature correlation from which two images are the same scan")
+    near_duplicate: float = option(0.9, "image signature correlation from which two images are the same scan")
 
     def __post_init__(self) -> None:
         if not self.group_name.replace("-", "").replace("_", "").isalnum():

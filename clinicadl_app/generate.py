@@ -27,7 +27,7 @@ from scipy import ndimage
 
 from .atomic import atomic_path, write_json
 from .caps import Caps, CapsImage
-from .errors import AppError, MissingInputError
+from .errors import AppError, MissingInputError, UsageError
 from .preprocessing.templates import brain_mask, resample_nearest
 
 
@@ -41,6 +41,8 @@ class Trivial:
     seed: int = 0
     continuous: bool = False
     """Regression variant: a random atrophy fraction of the left hemisphere instead of two classes."""
+    prefix: str = "TRIV"
+    """Participant labels are sub-<prefix><number>."""
 
 
 def hemisphere(shape: tuple[int, ...], affine: np.ndarray, side: str) -> np.ndarray:
@@ -53,6 +55,11 @@ def generate_trivial(source: Caps, output: Path, settings: Trivial) -> pd.DataFr
     images, _ = source.index()
     if not images:
         raise MissingInputError(f"{source.root}: no t1-linear image to build the trivial dataset from")
+    if settings.n_subjects > 2 * len(images):
+        raise UsageError(
+            f"{source.root}: {len(images)} source images make at most {2 * len(images)} subjects (each brain once "
+            "per class); more would put the same brain twice under two names, which the leakage checks refuse"
+        )
     rng = np.random.default_rng(settings.seed)
     bids, caps = output / "bids", Caps(output / "caps")
     bids.mkdir(parents=True, exist_ok=True)
@@ -76,7 +83,7 @@ def generate_trivial(source: Caps, output: Path, settings: Trivial) -> pd.DataFr
         scale = float(rng.uniform(0.9, 1.1))
         noisy = data * scale * (1 - amount * region)
         noisy = noisy + rng.normal(0, 0.01 * float(np.percentile(data, 99)), data.shape).astype(np.float32)
-        participant_id = f"sub-TRIV{i:03d}"
+        participant_id = f"sub-{settings.prefix}{i:03d}"
         image = CapsImage(participant_id, "ses-M000", f"{participant_id}_ses-M000")
         with atomic_path(caps.t1_linear(image)) as tmp:
             nib.save(nib.Nifti1Image(np.clip(noisy, 0, None).astype(np.float32), affine), str(tmp))
@@ -122,11 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--atrophy", type=float, default=0.6)
     parser.add_argument("--downsample", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prefix", default="TRIV", help="participant labels are sub-<prefix><number>")
     args = parser.parse_args(argv)
     try:
         table = generate_trivial(Caps(args.source_caps), args.output,
                                  Trivial(args.n_subjects, args.atrophy, args.downsample, args.seed,
-                                         continuous=args.kind == "atrophy"))
+                                         continuous=args.kind == "atrophy", prefix=args.prefix))
     except AppError as error:
         print(f"clinicadl-app generate: error: {error.message}", file=sys.stderr)
         return int(error.exit_code)

@@ -105,7 +105,8 @@ def sessions_table(bids_dir: Path, participants: list[str]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def build_labels(bids_dir: Path, caps: Caps, settings: Labels) -> LabelTable:
+def build_labels(bids_dir: Path, caps: Caps, settings: Labels, every_class: bool = True) -> LabelTable:
+    """`every_class`: refuse classes of [labels] values that never occur (a new group may lack some)."""
     if not settings.column:
         raise UsageError("[labels] column is required: the participants.tsv or sessions.tsv column to predict")
     images, problems = caps.index()
@@ -142,7 +143,7 @@ def build_labels(bids_dir: Path, caps: Caps, settings: Labels) -> LabelTable:
         if settings.values:
             present = set(table[column])
             absent = [v for v in settings.values if v not in present and v not in parents.values()]
-            if absent:
+            if absent and every_class:
                 raise UsageError(
                     f"{bids_dir / 'participants.tsv'}: value(s) {', '.join(absent)} of [labels] values never occur "
                     f"in column '{column}' of images in the CAPS; present: {', '.join(sorted(present))}"

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from . import __version__
 from .atomic import write_json, write_tsv
@@ -71,7 +72,7 @@ def group_rows(config: Config, maps: Maps, record: dict, caps: Caps) -> tuple[pd
     from .labels import build_labels
 
     try:
-        table = build_labels(config.bids_dir, caps, labels)
+        table = build_labels(config.bids_dir, caps, labels, every_class=False)
         rows, labelled = select_rows(table.rows, shadow), True
     except UsageError as error:
         if "no column" not in error.message:
@@ -141,16 +142,22 @@ def run_predict(config: Config, maps_dir: Path) -> Maps:
     spec = part_spec(train.mode, shape[1:], extraction, caps)
     for fold in maps.folds():
         task = task_from_record(json.loads(maps.group_record("train", fold).read_text())["task"])
-        targets = [task.target(v) if labelled else task.target(None) for v in rows[record["label"]]] \
-            if task.name != "reconstruction" else [task.target(None)] * len(rows)
+        if labelled or task.name == "reconstruction":
+            targets = [task.target(v) for v in rows[record["label"]]]
+        else:  # a stand-in the loss can read; true labels are reported as missing
+            targets = [torch.zeros((), dtype=torch.long) if task.name == "classification" else torch.zeros(1)] * len(rows)
         dataset = PartDataset(store, spec, targets, train.normalize)
         for metric in maps.selection_metrics(fold):
             models = load_selected(maps, fold, metric, train, tuple(record["input_size"]), task, device)
             weights = _validation_weights(maps, fold, metric, train, task)
             result = evaluate_group(models, task, train, device, rows, dataset, weights)
             if not labelled:
-                result.image_metrics = {}
-                result.part_metrics = {} if result.parts is not None else None
+                result.image_metrics, result.intervals = {}, {}
+                for table in (result.images, result.parts):
+                    if table is not None and "true_label" in table:
+                        table["true_label"] = None
+                if result.parts is not None:
+                    result.part_metrics = {}
             result.write(maps, fold, metric, settings.group_name, note=f"leakage check: {leak_check}")
             log.info("predict split-%d best-%s on %s: %s", fold, metric, settings.group_name,
                      ", ".join(f"{k} {v:.3f}" for k, v in result.image_metrics.items() if k in ("BA", "MAE", "loss"))

@@ -45,7 +45,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def trivial(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("trivial")
-    generate_trivial(Caps(CAPS2MM), root, Trivial(n_subjects=32, seed=0))
+    generate_trivial(Caps(CAPS2MM), root, Trivial(n_subjects=30, seed=0))
     (root / "experiment.toml").write_text(EXPERIMENT)
     return root
 
@@ -137,7 +137,7 @@ def test_part_modes_learn(trivial, tmp_path, mode, extra):
 
 
 def test_regression_learns_a_quantity_the_images_encode(tmp_path):
-    generate_trivial(Caps(CAPS2MM), tmp_path / "data", Trivial(n_subjects=40, seed=1, continuous=True))
+    generate_trivial(Caps(CAPS2MM), tmp_path / "data", Trivial(n_subjects=30, seed=1, continuous=True))
     done = run_app(tmp_path / "data" / "bids", tmp_path / "out", "group", "--caps_dir", tmp_path / "data" / "caps",
                    "--stages", "labels", "split", "train", "--column", "atrophy", "--task", "regression",
                    "--n_test", "0.2", "--n_splits", "0", "--n_validation", "0.3", "--max_attempts", "5",

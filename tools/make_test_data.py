@@ -1,8 +1,10 @@
 """Copy the small real datasets the project ships (demo and tests) out of ../shared/data (run once).
 
 - demo/bids: 12 IXI adults (2 mm, with skull, PSR orientation), sessionless, age and sex; CC BY-SA 3.0.
-- tests/data/caps2mm: a CAPS of 8 demo subjects after t1-linear (run the demo first: demo_output/caps),
-  downsampled to 2 mm (84x104x90), the real brains the training tests build their trivial datasets from.
+- tests/data/caps2mm: a CAPS of 15 real brains after t1-linear (the 12 demo subjects: run the demo first,
+  demo_output/caps; and the 3 raw scans: run the participant level on ../shared/data/raw1mm_bids into
+  --raw_caps), downsampled to 2 mm (84x104x90), 8-bit: the brains the training tests build trivial
+  datasets from (at most two subjects per brain, see generate.py).
 - tests/data/raw2mm: the three raw ~1 mm scans (adult, 10 y, 3 y; RAS, uint8/int16) resampled to 2 mm
   in their own orientation and field of view, so registration tests stay fast on real heads.
 """
@@ -38,6 +40,7 @@ def downsample(src: Path, dst: Path, voxel: float = 2.0) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shared", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--raw_caps", type=Path, default=Path("/tmp/t/raw/caps"))
     args = parser.parse_args()
 
     demo = Path("demo/bids")
@@ -65,9 +68,9 @@ def main() -> None:
         "sex": {"Description": "sex", "Levels": {"M": "male", "F": "female"}},
     }, indent=2) + "\n")
 
-    source = Path("demo_output/caps")
     target = Path("tests/data/caps2mm")
-    for image in sorted(source.glob("subjects/sub-*/ses-*/t1_linear/*_desc-Crop_res-1x1x1_T1w.nii.gz"))[:8]:
+    pattern = "subjects/sub-*/ses-*/t1_linear/*_desc-Crop_res-1x1x1_T1w.nii.gz"
+    for source, image in [(s, i) for s in (Path("demo_output/caps"), args.raw_caps) for i in sorted(s.glob(pattern))]:
         img = nib.load(str(image))
         data = ndimage.zoom(np.asanyarray(img.dataobj, dtype=np.float32), 0.5, order=1)
         data = np.clip(np.rint(data / np.percentile(data, 99.9) * 255), 0, 255).astype(np.uint8)
@@ -76,7 +79,8 @@ def main() -> None:
         destination.parent.mkdir(parents=True, exist_ok=True)
         nib.save(out, str(destination))
     (target / "README.md").write_text(
-        "t1-linear outputs of 8 demo subjects (IXI, CC BY-SA 3.0) downsampled to 2 mm (84x104x90) for fast\n"
+        "t1-linear outputs of the 12 demo subjects (IXI, CC BY-SA 3.0) and the 3 raw scans of tests/data/raw2mm\n"
+        "(BSD-2-Clause, MIT), downsampled to 2 mm (84x104x90), 8-bit, for fast\n"
         "training tests; the file names keep the CAPS convention (res-1x1x1) so the CAPS code reads them.\n"
     )
     raw = Path("tests/data/raw2mm")

@@ -1,0 +1,208 @@
+"""predict, the leakage guards, interpret and report, on a trivial dataset made from 12 real brains; new
+datasets are made from the 3 brains the model never saw."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from clinicadl_app.caps import Caps
+from clinicadl_app.errors import ExitCode
+from clinicadl_app.generate import Trivial, generate_trivial
+
+from .conftest import run_app
+
+CAPS2MM = Path(__file__).resolve().parent / "data" / "caps2mm"
+CONFIG = """
+[labels]
+column = "diagnosis"
+values = ["AD", "CN"]
+[split]
+n_test = 0.25
+n_splits = 2
+seed = 0
+max_attempts = 20
+[train]
+epochs = 8
+batch_size = 4
+[interpret]
+methods = ["gradients", "grad-cam"]
+"""
+pytestmark = pytest.mark.slow
+
+
+def subset_caps(root: Path, subjects: list[str]) -> Caps:
+    """A CAPS holding only some of the source brains (symbolic links)."""
+    (root / "subjects").mkdir(parents=True)
+    for subject in subjects:
+        os.symlink(CAPS2MM / "subjects" / subject, root / "subjects" / subject)
+    return Caps(root)
+
+
+@pytest.fixture(scope="module")
+def brains() -> tuple[list[str], list[str]]:
+    everyone = sorted(p.name for p in (CAPS2MM / "subjects").iterdir())
+    return everyone[:12], everyone[12:]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, brains):
+    root = tmp_path_factory.mktemp("predict")
+    generate_trivial(subset_caps(root / "sources", brains[0]), root / "data", Trivial(n_subjects=24, seed=2))
+    (root / "experiment.toml").write_text(CONFIG)
+    done = run_app(root / "data" / "bids", root / "out", "group", "--caps_dir", root / "data" / "caps",
+                   "--config", root / "experiment.toml")
+    assert done.returncode == 0, done.stderr
+    (maps,) = (root / "out" / "maps").iterdir()
+    return root, maps
+
+
+def test_default_group_run_predicts_the_test_set(full_run):
+    _, maps = full_run
+    for fold in (0, 1):
+        metrics = pd.read_csv(maps / f"split-{fold}" / "best-loss" / "test" / "test_image_level_metrics.tsv", sep="\t")
+        assert metrics.BA.iloc[0] >= 0.9
+        assert {"BA_ci95_low", "BA_ci95_high", "AUC"} <= set(metrics)
+        assert metrics.BA_ci95_low.iloc[0] <= metrics.BA.iloc[0] <= metrics.BA_ci95_high.iloc[0]
+        prediction = pd.read_csv(maps / f"split-{fold}" / "best-loss" / "test" / "test_image_level_prediction.tsv",
+                                 sep="\t")
+        assert len(prediction) == 6 and {"proba0", "proba1"} <= set(prediction)
+        assert "leakage check: passed" in (maps / f"split-{fold}" / "best-loss" / "test" / "description.log").read_text()
+    record = json.loads((maps / "groups" / "test" / "maps.json").read_text())
+    assert record["leak_check"] == "passed"
+
+
+def test_saliency_maps_are_nifti_in_mni_space_and_lateralised(full_run):
+    root, maps = full_run
+    reference = next((root / "data" / "caps" / "subjects").glob("*/ses-M000/t1_linear/*.nii.gz"))
+    reference_image = nib.load(str(reference))
+    shares = {}
+    for label in ("AD", "CN"):
+        path = maps / "split-0" / "best-loss" / "test" / "interpret-gradients" / f"group-test_label-{label}_desc-gradients_mean.nii.gz"
+        image = nib.load(str(path))
+        assert image.shape == reference_image.shape
+        assert np.allclose(image.affine, reference_image.affine) and not np.allclose(image.affine, np.eye(4))
+        data = image.get_fdata()
+        x = (image.affine @ np.vstack([np.indices(data.shape).reshape(3, -1), np.ones(data.size)]))[0]
+        left, right = data.ravel()[x < 0].sum(), data.ravel()[x > 0].sum()
+        shares[label] = left / (left + right)
+        assert (path.with_suffix("").with_suffix(".png")).stat().st_size > 10_000
+    # AD darkens the left hemisphere, CN the right: the AD map leans further left than the CN map
+    assert shares["AD"] > shares["CN"]
+    assert (maps / "split-0" / "best-loss" / "test" / "interpret-grad-cam").is_dir()
+
+
+def test_report_renders_in_chromium(full_run, tmp_path):
+    _, maps = full_run
+    report = maps / "report.html"
+    page = report.read_text()
+    for section in ("Learning curves", "Metrics", "ROC", "Population", "Attribution maps"):
+        assert section in page
+    assert page.count("data:image/png;base64,") >= 6 and "src='/" not in page, "self-contained"
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (tools/test.sh installs it when apt is available)")
+    shot = tmp_path / "report.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,2400",
+                    report.as_uri()], capture_output=True, timeout=120, check=True)
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=float)
+    assert pixels.shape == (2400, 1200, 3)
+    assert (pixels.mean(2) < 128).mean() > 0.01, "text is drawn"
+    colour = np.abs(pixels[..., 0] - pixels[..., 2]) > 60  # matplotlib's blue and orange, the population bars
+    assert colour.mean() > 0.005, "the figures are decoded and drawn"
+
+
+def _new_dataset(root: Path, brains: list[str], prefix: str) -> Path:
+    generate_trivial(subset_caps(root / "sources", brains), root / "data", Trivial(n_subjects=2 * len(brains),
+                                                                                   seed=5, prefix=prefix))
+    return root / "data"
+
+
+def predict(data: Path, out: Path, maps: Path, group: str, *extra: str):
+    return run_app(data / "bids", out, "group", "--stages", "predict", "--maps_dir", maps, "--group_name", group,
+                   "--caps_dir", data / "caps", *extra)
+
+
+def test_truly_new_dataset_is_accepted(full_run, brains, tmp_path):
+    _, maps = full_run
+    data = _new_dataset(tmp_path, brains[1], "NEW")
+    done = predict(data, tmp_path / "out", maps, "external")
+    assert done.returncode == 0, done.stderr
+    metrics = pd.read_csv(maps / "split-0" / "best-loss" / "external" / "external_image_level_metrics.tsv", sep="\t")
+    assert metrics.BA.iloc[0] >= 0.8
+    assert json.loads((maps / "groups" / "external" / "maps.json").read_text())["leak_check"] == "passed"
+
+
+def test_dataset_with_a_training_subject_is_refused(full_run, tmp_path):
+    root, maps = full_run
+    seen = pd.read_csv(maps / "groups" / "train+validation.tsv", sep="\t").participant_id.iloc[0]
+    data = tmp_path / "data"
+    shutil.copytree(root / "data" / "bids", data / "bids")
+    (data / "caps" / "subjects").mkdir(parents=True)
+    shutil.copytree(root / "data" / "caps" / "subjects" / seen, data / "caps" / "subjects" / seen)
+    refused = predict(data, tmp_path / "out", maps, "leaky")
+    assert refused.returncode == ExitCode.LEAKAGE and seen in refused.stderr and "--skip_leak_check" in refused.stderr
+    assert not (maps / "split-0" / "best-loss" / "leaky").exists()
+    forced = predict(data, tmp_path / "out", maps, "leaky", "--skip_leak_check")
+    assert forced.returncode == 0, forced.stderr
+    assert json.loads((maps / "groups" / "leaky" / "maps.json").read_text())["leak_check"].startswith("skipped")
+
+
+def test_training_image_copied_under_a_new_name_is_refused(full_run, tmp_path):
+    root, maps = full_run
+    seen = pd.read_csv(maps / "groups" / "train+validation.tsv", sep="\t").participant_id.iloc[0]
+    (source,) = (root / "data" / "caps" / "subjects" / seen / "ses-M000" / "t1_linear").glob("*.nii.gz")
+    target = tmp_path / "data" / "caps" / "subjects" / "sub-RENAMED" / "ses-M000" / "t1_linear"
+    target.mkdir(parents=True)
+    shutil.copyfile(source, target / source.name.replace(seen, "sub-RENAMED"))
+    (tmp_path / "data" / "bids").mkdir()
+    (tmp_path / "data" / "bids" / "participants.tsv").write_text("participant_id\tdiagnosis\nsub-RENAMED\tAD\n")
+    refused = predict(tmp_path / "data", tmp_path / "out", maps, "renamed")
+    assert refused.returncode == ExitCode.LEAKAGE
+    assert "same scan" in refused.stderr and seen in refused.stderr and "sub-RENAMED" in refused.stderr
+
+
+def test_unlabelled_dataset_gets_predictions_without_metrics(full_run, brains, tmp_path):
+    _, maps = full_run
+    data = _new_dataset(tmp_path, brains[1], "ANON")
+    table = pd.read_csv(data / "bids" / "participants.tsv", sep="\t").drop(columns=["diagnosis"])
+    table.to_csv(data / "bids" / "participants.tsv", sep="\t", index=False)
+    done = predict(data, tmp_path / "out", maps, "unlabelled")
+    assert done.returncode == 0, done.stderr and "without metrics" in done.stderr
+    prediction = pd.read_csv(maps / "split-0" / "best-loss" / "unlabelled" / "unlabelled_image_level_prediction.tsv",
+                             sep="\t")
+    assert len(prediction) == 6 and prediction.proba0.notna().all()
+
+
+def test_bad_maps_are_refused_without_losing_anything(full_run, brains, tmp_path):
+    _, maps = full_run
+    copy = tmp_path / "maps"
+    shutil.copytree(maps, copy)
+    data = _new_dataset(tmp_path, brains[1], "BAD")
+    record = json.loads((copy / "maps.json").read_text())
+    (copy / "maps.json").write_text(json.dumps({**record, "clinicadl_app_version": "9.0.0"}))
+    old = predict(data, tmp_path / "out", copy, "damaged")
+    assert old.returncode == ExitCode.USAGE and "9.0.0" in old.stderr
+    (copy / "maps.json").write_text(json.dumps(record))
+    model = copy / "split-0" / "best-loss" / "model.pth.tar"
+    model.write_bytes(model.read_bytes()[:1000])
+    before = {p: p.read_bytes() for p in copy.rglob("*.tsv")}
+    broken = predict(data, tmp_path / "out", copy, "damaged")
+    assert broken.returncode == ExitCode.DATA_ERROR and "model.pth.tar" in broken.stderr
+    assert "Traceback" not in broken.stderr
+    for path, content in before.items():
+        assert path.read_bytes() == content, f"{path} changed"
+    assert torch.load(copy / "split-1" / "best-loss" / "model.pth.tar", weights_only=True)["model"]
