@@ -145,7 +145,8 @@ def run_predict(config: Config, maps_dir: Path) -> Maps:
         if labelled or task.name == "reconstruction":
             targets = [task.target(v) for v in rows[record["label"]]]
         else:  # a stand-in the loss can read; true labels are reported as missing
-            targets = [torch.zeros((), dtype=torch.long) if task.name == "classification" else torch.zeros(1)] * len(rows)
+            stand_in = torch.zeros((), dtype=torch.long) if task.name == "classification" else torch.zeros(1)
+            targets = [stand_in] * len(rows)
         dataset = PartDataset(store, spec, targets, train.normalize)
         for metric in maps.selection_metrics(fold):
             models = load_selected(maps, fold, metric, train, tuple(record["input_size"]), task, device)
