@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import tempfile
 import types
 import typing
 from dataclasses import fields
@@ -122,6 +124,28 @@ def parse_args(argv: list[str] | None = None) -> Config:
     return build_config(bids_dir, output_dir, level, values, namespace.config)
 
 
+def prepare_process(config: Config) -> None:
+    """Threads follow --n_cpus; temporary files go to the work folder when the system's are not writable
+    (a container run with --read-only, where only OUTPUT_DIR and -w WORK_DIR are)."""
+    cpus = str(config.execution.cpus)
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(variable, cpus)
+    scratch = config.execution.work_dir or config.output_dir / "work"
+    try:
+        with tempfile.TemporaryFile():
+            pass
+    except OSError:
+        folder = scratch / "tmp"
+        folder.mkdir(parents=True, exist_ok=True)
+        os.environ["TMPDIR"] = tempfile.tempdir = str(folder)
+    home = Path(os.environ.get("HOME", "/"))
+    if not os.access(home, os.W_OK):
+        for variable, name in (("MPLCONFIGDIR", "matplotlib"), ("DENO_DIR", "deno"), ("XDG_CACHE_HOME", "cache")):
+            if variable not in os.environ:
+                (scratch / name).mkdir(parents=True, exist_ok=True)
+                os.environ[variable] = str(scratch / name)
+
+
 def setup_logging(config: Config) -> None:
     execution = config.execution
     log_to_console(logging.DEBUG if execution.verbose else logging.WARNING if execution.quiet else logging.INFO)
@@ -140,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = parse_args(argv)
         setup_logging(config)
+        prepare_process(config)
         if config.analysis_level == "participant":
             from .participant import run
 

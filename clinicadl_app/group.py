@@ -41,9 +41,12 @@ def run(config: Config) -> ExitCode:
     write_text(layout.run_record("group", ".toml"), config.to_toml())
     folder = SplitFolder(layout.splits_dir / config.labels.folder)
     if {"train", "predict", "interpret"} & set(stages):
+        import torch
+
         from .allocator import keep_freed_memory
 
         keep_freed_memory()
+        torch.set_num_threads(config.execution.cpus)
     if "labels" in stages:
         labels_stage(config, folder)
     if "split" in stages:

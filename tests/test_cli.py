@@ -106,10 +106,10 @@ def test_every_config_field_has_an_option_and_help():
             assert flag in options and flag.replace("_", "-").replace("--", "--", 1) in options
 
 
-def test_group_level_not_yet_implemented_is_usage_error(tmp_path):
+def test_group_level_without_a_label_says_what_to_set(tmp_path):
     done = run_app(DEMO, tmp_path / "out", "group")
     assert done.returncode == ExitCode.USAGE
-    assert "not implemented" in done.stderr and "Traceback" not in done.stderr
+    assert "[labels] column is required" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_help_lists_every_section():

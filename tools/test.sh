@@ -1,7 +1,26 @@
 #!/usr/bin/env bash
-# Install the project and its test tools in .venv, then lint and run the whole test suite.
+# Install the project, its test tools and the system packages the tests use, then lint and run every test.
+#   bash tools/test.sh [pytest arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# System packages (Debian): Chromium renders the report in a real browser; tcmalloc is the allocator the
+# container uses; podman, buildah and debootstrap build and run the container image. Installed when apt is
+# available and we may use it; the tests that need a missing one say so and skip.
+packages=(chromium libtcmalloc-minimal4 podman buildah debootstrap uidmap fuse-overlayfs slirp4netns)
+missing=()
+for package in "${packages[@]}"; do
+  dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+done
+if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo -n"
+  if $SUDO true 2>/dev/null; then
+    ($SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+      "${missing[@]}") >/tmp/clinicadl-app-apt.log 2>&1 || echo "apt-get could not install ${missing[*]} (see /tmp/clinicadl-app-apt.log)"
+  fi
+fi
+
 python3 -m venv .venv
 .venv/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
 .venv/bin/ruff check clinicadl_app tests tools benchmarks
