@@ -24,4 +24,11 @@ fi
 python3 -m venv .venv
 .venv/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
 .venv/bin/ruff check clinicadl_app tests tools benchmarks
-exec .venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest "$@"
+
+# The container image: built with podman from the unchanged Dockerfile and run read-only on the demo.
+if [ "${SKIP_CONTAINER_TEST:-0}" != 1 ] && command -v podman >/dev/null && command -v debootstrap >/dev/null; then
+  timeout 45m bash circle-ci/test_container_local.sh
+else
+  echo "container test skipped (SKIP_CONTAINER_TEST=1, or podman/debootstrap missing)"
+fi
