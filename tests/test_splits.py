@@ -96,6 +96,18 @@ def test_same_seed_gives_byte_identical_files(dataset, split_dir, tmp_path):
         assert (again / path.relative_to(split_dir)).read_bytes() == path.read_bytes(), path.name
 
 
+def test_baseline_sets_hold_each_participants_first_session(dataset, tmp_path):
+    bids, caps, config = dataset
+    done = run_app(bids, tmp_path, "group", "--caps_dir", caps, "--config", config, "--stages", "labels", "split",
+                   "--baseline_sets", "--name", "with_baseline")
+    assert done.returncode == 0, done.stderr
+    folder = tmp_path / "splits" / "with_baseline"
+    for name in ("train", "test", "split-0/train", "split-0/validation"):
+        full, first = read(folder / f"{name}.tsv"), read(folder / f"{name}_baseline.tsv")
+        assert list(first.participant_id) == sorted(full.participant_id.unique())
+        assert (first.session_id == first.participant_id.map(full.groupby("participant_id").session_id.min())).all()
+
+
 def test_existing_split_is_sealed(dataset, split_dir):
     out = split_dir.parents[1]
     changed = run_split(dataset, out, "--split_seed", "7")

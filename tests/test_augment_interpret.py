@@ -1,0 +1,61 @@
+"""Augmentation draws reproducibly per item and never changes shapes; every attribution method returns a
+non-negative map of the input's shape that is larger where the model looks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from clinicadl_app import augment
+from clinicadl_app.config import Train
+from clinicadl_app.interpret import attribute
+
+
+@pytest.mark.parametrize("names", [("Noise",), ("Erasing",), ("CropPad",), ("Smoothing",), ("Motion", "Ghosting"),
+                                   ("Spike",), ("BiasField",), ("Flip",)])
+@pytest.mark.parametrize("shape", [(1, 24, 28, 20), (3, 40, 36)])
+def test_augmentations_are_seeded_and_keep_shape(names, shape):
+    transform = augment.build(names)
+    x = torch.rand(shape)
+    first, again = augment.seeded(transform, x, 7), augment.seeded(transform, x, 7)
+    assert first.shape == x.shape and torch.equal(first, again)
+    others = [augment.seeded(transform, x, seed) for seed in range(8)]
+    assert any(not torch.equal(other, x) for other in others), "the transform must change some inputs"
+    state = torch.get_rng_state()
+    augment.seeded(transform, x, 3)
+    assert torch.equal(state, torch.get_rng_state()), "the global random stream is untouched"
+
+
+def test_unknown_augmentation_is_refused_by_the_configuration():
+    with pytest.raises((ValueError, TypeError)):
+        from clinicadl_app.config import coerce
+
+        coerce(Train, "data_augmentation", ["Rotate"])
+
+
+class LeftEye(nn.Module):
+    """Class 1 grows with the mean of the left half of the image."""
+
+    in_shape = (1, 8, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.convolutions = nn.Sequential(nn.Conv3d(1, 2, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x):
+        features = self.convolutions(x)
+        left = features[:, :, :4].mean((2, 3, 4))
+        return self.fc(left)
+
+
+@pytest.mark.parametrize("method", ["gradients", "grad-cam", "integrated-gradients", "occlusion"])
+def test_attribution_methods_point_where_the_model_looks(method):
+    torch.manual_seed(0)
+    model = LeftEye().eval()
+    x = torch.rand(1, 1, 8, 8, 8)
+    values = attribute(model, method, x, target=1, layer=0)
+    assert values.shape == x.shape and (values >= 0).all() and values.sum() > 0
+    if method != "grad-cam":  # Grad-CAM weighs whole feature maps: it localises only through the features
+        assert values[..., :4, :, :].sum() > values[..., 4:, :, :].sum()
