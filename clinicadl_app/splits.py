@@ -82,10 +82,9 @@ def subject_table(rows: pd.DataFrame, column: str, task: str, bins: int) -> pd.D
 
 
 def _quota(sizes: pd.Series, amount: float) -> pd.Series:
-    """Subjects to draw from each stratum: a fraction of each, or a count shared out proportionally."""
-    if amount < 1:
-        return (sizes * amount).round().astype(int)
-    total = int(round(amount))
+    """Subjects to draw from each stratum: the total (a fraction or a count) shared out proportionally, so that
+    rounding in each small stratum does not add up to a much larger or smaller set than asked."""
+    total = int(round(amount * sizes.sum())) if amount < 1 else int(round(amount))
     if total >= sizes.sum():
         raise UsageError(f"[split] asks for {total} subjects but only {int(sizes.sum())} are available")
     exact = sizes / sizes.sum() * total

@@ -148,6 +148,7 @@ def test_split_invariants(rows, n_splits, n_test, seed):
     train = subjects - test
     validations = [set(f) for f in result.folds]
     assert test <= subjects and not test & train
+    assert len(test) == round(n_test * len(subjects)), "the test set is the fraction asked, not a sum of roundings"
     if n_splits:
         assert len(validations) == n_splits and set().union(*validations) == train
         assert sum(map(len, validations)) == len(train), "folds overlap"
@@ -164,6 +165,15 @@ def test_regression_split_stratifies_on_bins():
     result = make_split(rows, "age_label", "regression", Split(n_test=0.2, n_splits=0, max_attempts=2))
     test_ages = rows.set_index("participant_id").loc[result.test, "age_label"]
     assert len(result.test) == 10 and test_ages.min() < 35 and test_ages.max() > 65
+
+
+def test_small_strata_do_not_inflate_the_held_out_fraction():
+    """5 bins of 6 subjects at 10%: rounding each bin (0.6 -> 1) would hold out 5 subjects, not 3."""
+    rows = pd.DataFrame({"participant_id": [f"sub-{i:03d}" for i in range(30)], "session_id": "ses-M000",
+                         "score": np.linspace(0, 1, 30)})
+    result = make_split(rows, "score", "regression", Split(n_test=0.1, n_splits=0, n_validation=0.3,
+                                                           max_attempts=1))
+    assert len(result.test) == 3 and len(result.folds[0]) == round(0.3 * 27)
 
 
 # --- bad input -------------------------------------------------------------------------------------------

@@ -137,15 +137,28 @@ def test_part_modes_learn(trivial, tmp_path, mode, extra):
 
 
 def test_regression_learns_a_quantity_the_images_encode(tmp_path):
-    generate_trivial(Caps(CAPS2MM), tmp_path / "data", Trivial(n_subjects=30, seed=1, continuous=True))
-    done = run_app(tmp_path / "data" / "bids", tmp_path / "out", "group", "--caps_dir", tmp_path / "data" / "caps",
-                   "--stages", "labels", "split", "train", "--column", "atrophy", "--task", "regression",
-                   "--n_test", "0.2", "--n_splits", "0", "--n_validation", "0.3", "--max_attempts", "5",
-                   "--epochs", "10", "--batch_size", "4", "--learning_rate", "1e-3", "--dropout", "0.2")
-    assert done.returncode == 0, done.stderr
-    maps = maps_of(tmp_path / "out")
-    assert metric(maps, 0, "loss", "validation", "R2") > 0.8
-    record = json.loads((maps / "maps.json").read_text())
+    """30 subjects from 15 distinct brains (4 mm), a random left-hemisphere atrophy fraction as the target.
+    With so few brains a CNN trained from scratch reaches a validation R2 of about 0.5-0.9 depending on the
+    draw, so the claim is checked against a control: the same images with the targets shuffled between
+    subjects, where nothing can be learnt and the validation R2 stays at or below zero."""
+    data = tmp_path / "data"
+    table = generate_trivial(Caps(CAPS2MM), data, Trivial(n_subjects=30, seed=1, continuous=True, downsample=2))
+    shuffled = data / "shuffled"
+    shuffled.mkdir()
+    (shuffled / "dataset_description.json").write_text((data / "bids" / "dataset_description.json").read_text())
+    table.assign(atrophy=table.atrophy.sample(frac=1, random_state=0).to_numpy()).to_csv(
+        shuffled / "participants.tsv", sep="\t", index=False)
+    r2 = {}
+    for name, bids in (("real", data / "bids"), ("shuffled", shuffled)):
+        out = tmp_path / name
+        done = run_app(bids, out, "group", "--caps_dir", data / "caps", "--stages", "labels", "split", "train",
+                       "--column", "atrophy", "--task", "regression", "--n_test", "0.1", "--n_splits", "0",
+                       "--n_validation", "0.3", "--max_attempts", "5", "--epochs", "40", "--batch_size", "4",
+                       "--learning_rate", "3e-4", "--dropout", "0.2")
+        assert done.returncode == 0, done.stderr
+        r2[name] = metric(maps_of(out), 0, "loss", "validation", "R2")
+    assert r2["real"] > 0.4 and r2["shuffled"] < 0.1, r2
+    record = json.loads((maps_of(tmp_path / "real") / "maps.json").read_text())
     assert record["task"] == "regression" and record["label_code"] is None
 
 
@@ -166,7 +179,7 @@ def test_batchnorm_recalibration_makes_early_evaluation_reflect_the_model(trivia
     runs = {}
     for recompute in (0, 64):
         out = tmp_path / f"bn{recompute}"
-        done = group(trivial, out, "--split", "1", "--epochs", "2", "--batchnorm_recompute", str(recompute))
+        done = group(trivial, out, "--split", "1", "--epochs", "4", "--batchnorm_recompute", str(recompute))
         assert done.returncode == 0, done.stderr
         runs[recompute] = pd.read_csv(maps_of(out) / "split-1" / "training_logs" / "training.tsv", sep="\t")
     stale, fresh = runs[0], runs[64]
