@@ -30,6 +30,21 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def save_torch(payload: Any, path: Path) -> None:
+    """torch.save, atomically; a failed write (full disk, quota) becomes one clear error, not torch's
+    "enforce fail at inline_container.cc", and leaves the previous file in place."""
+    import torch
+
+    from .errors import OutputError
+
+    with atomic_path(path) as tmp:
+        try:
+            torch.save(payload, tmp)
+        except (OSError, RuntimeError) as error:
+            raise OutputError(f"cannot write {path} ({error}); free some space on that disk (or point the output "
+                              "elsewhere) and run again: finished outputs are kept and the run resumes") from None
+
+
 def write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

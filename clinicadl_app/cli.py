@@ -7,6 +7,7 @@ snake_case and kebab-case); `parse_args()` returns a validated Config and does e
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -175,6 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     except AppError as error:
         print(f"clinicadl-app: error: {error.message}", file=sys.stderr)
         return int(error.exit_code)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+            raise
+        print(f"clinicadl-app: error: cannot write {error.filename or 'an output file'} ({error.strerror}); free "
+              "some space on that disk (or point the output elsewhere) and run again: finished outputs are kept "
+              "and the run resumes", file=sys.stderr)
+        return int(ExitCode.CANNOT_WRITE)
     except KeyboardInterrupt:
         print("clinicadl-app: interrupted; completed outputs are kept and a rerun resumes", file=sys.stderr)
         return 130

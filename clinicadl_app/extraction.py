@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import __version__, modes
-from .atomic import atomic_path, write_json
+from .atomic import atomic_path, save_torch, write_json
 from .caps import TEMPLATE, Caps, CapsImage
 from .config import Extraction
 from .errors import InputDataError, MissingInputError, UsageError
@@ -187,8 +187,7 @@ def extract(caps: Caps, image: CapsImage, settings: Extraction, overwrite: bool 
     if todo:
         tensor = read_image(source)
         for path, make in todo:
-            with atomic_path(path) as tmp:
-                torch.save(make(tensor), tmp)
+            save_torch(make(tensor), path)
     return len(todo)
 
 

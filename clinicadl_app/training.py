@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from .atomic import atomic_path, write_tsv
+from .atomic import save_torch, write_tsv
 from .config import Train
 from .data import PartDataset
 from .maps import Maps
@@ -220,8 +220,7 @@ class Trainer:
         }
         if torch.cuda.is_available():
             payload["cuda_rng"] = torch.cuda.get_rng_state_all()
-        with atomic_path(self.maps.checkpoint(self.fold, self.network)) as tmp:
-            torch.save(payload, tmp)
+        save_torch(payload, self.maps.checkpoint(self.fold, self.network))
 
     def resume(self) -> bool:
         path = self.maps.checkpoint(self.fold, self.network)
@@ -247,8 +246,7 @@ class Trainer:
     def save_model(self, metric: str) -> None:
         payload = {"model": self.model.state_dict(), "epoch": self.state.epoch, "step": self.state.step,
                    "name": self.settings.architecture, "metric": metric, "value": self.state.best[metric]}
-        with atomic_path(self.maps.model(self.fold, metric, self.network)) as tmp:
-            torch.save(payload, tmp)
+        save_torch(payload, self.maps.model(self.fold, metric, self.network))
 
     # --- the loop -----------------------------------------------------------------------------------
     def fit(self, train: PartDataset, validation, train_eval) -> None:

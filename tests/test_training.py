@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import signal
 import subprocess
 import sys
@@ -245,6 +246,18 @@ def test_transfer_learning(trivial, tmp_path):
     assert "transfer:" in target.stderr
     seen = pd.read_csv(source_out / "maps" / "from_ae" / "groups" / "train+validation.tsv", sep="\t")
     assert set(seen.maps) == {"from_ae", source_maps.name}
+    # CNN -> CNN: every tensor of the classifier carries over; a swapped label code is refused
+    common = ("group", "--caps_dir", trivial / "caps", "--config", trivial / "experiment.toml", "--stages", "train",
+              "--split", "0", "--epochs", "1", "--transfer_path", source_out / "maps" / "from_ae")
+    cnn = run_app(trivial / "bids", source_out, *common, "--experiment", "cnn_to_cnn")
+    assert cnn.returncode == 0, cnn.stderr
+    copied = int(cnn.stderr.split("transfer: ")[1].split()[0])
+    assert copied == len(_weights(source_out / "maps" / "cnn_to_cnn" / "split-0" / "best-loss" / "model.pth.tar"))
+    # another label (no test set, so nothing leaks): the classes differ -> refused before training
+    sex = run_app(trivial / "bids", tmp_path / "sex", *common[:5], "--stages", "labels", "split", "train",
+                  *common[7:], "--column", "sex", "--values", "F", "M", "--n_test", "0")
+    assert sex.returncode == ExitCode.USAGE and "label code" in sex.stderr, sex.stderr
+    assert not list((tmp_path / "sex").glob("maps/*/split-*/best-*"))
     # another split whose test set holds subjects the source trained on -> refused
     other = run_app(trivial / "bids", tmp_path / "other", "group", "--caps_dir", trivial / "caps", "--config",
                     trivial / "experiment.toml", "--stages", "labels", "split", "train", "--split_seed", "5",
@@ -286,3 +299,26 @@ def test_missing_images_and_corrupt_tensors(trivial, tmp_path):
     assert corrupt.returncode == ExitCode.DATA_ERROR and "corrupt tensor" in corrupt.stderr
     assert tensor.name in corrupt.stderr and "Traceback" not in corrupt.stderr
     assert not list(out.glob("maps/*/split-*/best-*")), "nothing may be trained on a corrupt input"
+
+
+def test_a_full_disk_stops_cleanly_and_the_rerun_resumes(trivial, tmp_path):
+    """A file size limit makes writes past 8 MB fail as on a full disk (EFBIG rather than ENOSPC, no root
+    needed): the tensors (3 MB) fit, a model (25 MB) does not. One error line, exit 73, no model or temporary
+    file left in the MAPS; the rerun with space trains."""
+    args = ["--split", "0", "--epochs", "1"]
+    assert group(trivial, tmp_path, *args, stages=("labels", "split")).returncode == 0
+    command = [sys.executable, str(ROOT / "run.py"), str(trivial / "bids"), str(tmp_path), "group", "--caps_dir",
+               str(trivial / "caps"), "--config", str(trivial / "experiment.toml"), "--stages", "train", *args]
+    limit = 8 << 20
+    full = subprocess.run(command, capture_output=True, text=True,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert full.returncode == ExitCode.CANNOT_WRITE, full.stderr
+    errors = [line for line in full.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "cannot write" in errors[0] and ".pth.tar" in errors[0], full.stderr
+    assert "Traceback" not in full.stderr
+    maps = maps_of(tmp_path)
+    assert not list(maps.rglob("*.pth.tar")) and not list(maps.rglob(".*.tmp-*")), "nothing half-written"
+    assert json.loads((maps / "maps.json").read_text())["task"] == "classification"
+    again = run_app(*command[2:])
+    assert again.returncode == 0, again.stderr
+    assert _weights(maps / "split-0" / "best-loss" / "model.pth.tar")
