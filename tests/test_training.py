@@ -322,3 +322,23 @@ def test_a_full_disk_stops_cleanly_and_the_rerun_resumes(trivial, tmp_path):
     again = run_app(*command[2:])
     assert again.returncode == 0, again.stderr
     assert _weights(maps / "split-0" / "best-loss" / "model.pth.tar")
+
+
+def test_transfer_single_to_multi_and_multi_to_multi_network(trivial, tmp_path):
+    """Each network of a multi-network target starts from the source's network for the same part, or from the
+    single network when the source has one."""
+    roi = ["--mode", "roi", "--roi_list", "leftHippocampusBox", "rightHippocampusBox", "--split", "0", "--epochs", "1"]
+    single = group(trivial, tmp_path, *roi, "--experiment", "single")
+    assert single.returncode == 0, single.stderr
+    maps = tmp_path / "maps"
+    common = (*roi, "--multi_network")
+    multi = group(trivial, tmp_path, *common, "--experiment", "multi", "--transfer_path", maps / "single",
+                  stages=("train",))
+    assert multi.returncode == 0, multi.stderr
+    sources = [line.split(" from ")[1] for line in multi.stderr.splitlines() if "transfer:" in line]
+    assert len(sources) == 2 and all("single/split-0/best-loss/model.pth.tar" in s for s in sources), sources
+    again = group(trivial, tmp_path, *common, "--experiment", "multi_again", "--transfer_path", maps / "multi",
+                  stages=("train",))
+    assert again.returncode == 0, again.stderr
+    sources = [line.split(" from ")[1] for line in again.stderr.splitlines() if "transfer:" in line]
+    assert sorted(s.split("/")[-2] for s in sources) == ["network-0", "network-1"], sources
