@@ -41,8 +41,7 @@ def save_torch(payload: Any, path: Path) -> None:
         try:
             torch.save(payload, tmp)
         except (OSError, RuntimeError) as error:
-            raise OutputError(f"cannot write {path} ({error}); free some space on that disk (or point the output "
-                              "elsewhere) and run again: finished outputs are kept and the run resumes") from None
+            raise OutputError.cannot_write(path, error) from None
 
 
 def write_text(path: Path, text: str) -> None:

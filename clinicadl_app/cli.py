@@ -20,7 +20,7 @@ from typing import Any, Literal, NoReturn
 
 from . import __version__
 from .config import Config, build_config, field_types
-from .errors import AppError, ExitCode, MissingInputError, UnknownLevelError, UsageError
+from .errors import AppError, ExitCode, MissingInputError, OutputError, UnknownLevelError, UsageError
 from .logs import log_to_console
 
 LEVELS = ("participant", "group")
@@ -179,10 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
             raise
-        print(f"clinicadl-app: error: cannot write {error.filename or 'an output file'} ({error.strerror}); free "
-              "some space on that disk (or point the output elsewhere) and run again: finished outputs are kept "
-              "and the run resumes", file=sys.stderr)
-        return int(ExitCode.CANNOT_WRITE)
+        failure = OutputError.cannot_write(error.filename or "an output file", error.strerror)
+        print(f"clinicadl-app: error: {failure.message}", file=sys.stderr)
+        return int(failure.exit_code)
     except KeyboardInterrupt:
         print("clinicadl-app: interrupted; completed outputs are kept and a rerun resumes", file=sys.stderr)
         return 130

@@ -64,3 +64,9 @@ class InputDataError(AppError):
 
 class OutputError(AppError):
     exit_code = ExitCode.CANNOT_WRITE
+
+    @classmethod
+    def cannot_write(cls, path: object, reason: object) -> OutputError:
+        """A write that failed for want of space (or quota, or a read-only disk): what to do about it."""
+        return cls(f"cannot write {path} ({reason}); free some space on that disk (or point the output elsewhere) "
+                   "and run again: finished outputs are kept and the run resumes")
