@@ -21,18 +21,9 @@ from clinicadl_app.caps import Caps
 from clinicadl_app.errors import ExitCode
 from clinicadl_app.generate import Trivial, generate_trivial
 
-from .conftest import ROOT, run_app
+from .conftest import CAPS2MM, ROOT, TRIVIAL_SPLIT, run_app
 
-CAPS2MM = Path(__file__).resolve().parent / "data" / "caps2mm"
-EXPERIMENT = """
-[labels]
-column = "diagnosis"
-values = ["AD", "CN"]
-[split]
-n_test = 0.25
-n_splits = 2
-seed = 0
-max_attempts = 20
+EXPERIMENT = TRIVIAL_SPLIT + """
 [train]
 mode = "image"
 architecture = "Conv5_FC3"
