@@ -302,7 +302,7 @@ class Config:
         return self.execution.caps_dir or self.output_dir / "caps"
 
     def to_toml(self) -> str:
-        tables = {name: _plain(asdict(getattr(self, name))) for name in self.SECTIONS}
+        tables = {name: plain(getattr(self, name), keep_none=False) for name in self.SECTIONS}
         head = {"bids_dir": str(self.bids_dir), "output_dir": str(self.output_dir)}
         return tomli_w.dumps({"run": {**head, "analysis_level": self.analysis_level}, **tables})
 
@@ -359,6 +359,11 @@ def coerce(cls: type, name: str, value: Any) -> Any:
     return _coerce(field_types(cls)[name], value, name)
 
 
+def section_from(cls: type, values: dict[str, Any]) -> Any:
+    """A settings dataclass rebuilt from its recorded values (maps.json), each coerced to its field's type."""
+    return cls(**{k: coerce(cls, k, v) for k, v in values.items()})
+
+
 def _coerce(kind: Any, value: Any, name: str) -> Any:
     origin = typing.get_origin(kind)
     args = typing.get_args(kind)
@@ -406,11 +411,12 @@ def _leaf_types(kind: Any) -> set[Any]:
     return {kind} if not args else set().union(*(_leaf_types(a) for a in args))
 
 
-def _plain(values: dict[str, Any]) -> dict[str, Any]:
-    """TOML has no None and no Path: drop unset values, write paths as strings."""
+def plain(section: Any, keep_none: bool = True) -> dict[str, Any]:
+    """A settings dataclass as JSON/TOML values (paths as strings, tuples as lists); TOML has no None, so
+    `keep_none=False` drops unset values."""
     out = {}
-    for key, value in values.items():
-        if value is None:
+    for key, value in asdict(section).items():
+        if value is None and not keep_none:
             continue
         if isinstance(value, tuple | list):
             value = [str(v) if isinstance(v, Path) else v for v in value]

@@ -11,7 +11,7 @@ import json
 import logging
 import shutil
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,7 +21,7 @@ import torch
 from . import __version__, augment
 from .atomic import lock, write_json, write_text, write_tsv
 from .caps import Caps
-from .config import Config, Train
+from .config import Config, Train, plain
 from .data import ImageStore, PartDataset, image_paths, part_spec
 from .errors import UsageError
 from .extraction import description as extraction_description
@@ -176,7 +176,7 @@ def maps_record(config: Config, folder: SplitFolder, data: FoldData, caps: Caps)
                       pretrained_weights=settings.pretrained_weights)
     except ArchitectureError as error:
         raise UsageError(f"[train] architecture: {error}") from None
-    train = _plain(asdict(settings))
+    train = plain(settings)
     return {
         "clinicadl_app_version": __version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -192,20 +192,15 @@ def maps_record(config: Config, folder: SplitFolder, data: FoldData, caps: Caps)
         "selection_metrics": list(selection_metrics(config, data.task)),
         "seed": settings.seed,
         "train": train,
-        "labels": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config.labels).items()},
+        "labels": plain(config.labels),
         "split": json.loads(folder.record.read_text()),
         "split_directory": str(folder.root),
         "caps_directory": str(caps.root),
         "extraction": extraction_description(settings.mode, config.extraction, caps),
-        "extraction_settings": _plain(asdict(config.extraction)),
+        "extraction_settings": plain(config.extraction),
         "preprocessing": "t1-linear",
         "command": sys.argv,
     }
-
-
-def _plain(values: dict) -> dict:
-    return {k: ([str(x) if isinstance(x, Path) else x for x in v] if isinstance(v, tuple)
-                else str(v) if isinstance(v, Path) else v) for k, v in values.items()}
 
 
 def task_record(task: Task) -> dict:

@@ -19,13 +19,13 @@ from torch import nn
 
 from .atomic import atomic_path
 from .caps import Caps
-from .config import Config, Extraction, Train, coerce
+from .config import Config, Extraction, Train, section_from
 from .data import ImageStore, PartDataset, image_paths, part_spec
 from .errors import UsageError
 from .experiment import experiment_name, load_selected, task_from_record
 from .fingerprint import KEYS
 from .maps import Maps
-from .predict import open_maps, settings_from
+from .predict import open_maps
 from .training import Device
 
 log = logging.getLogger("clinicadl_app")
@@ -74,13 +74,13 @@ def run_interpret(config: Config, maps_dir: Path) -> Maps:
     if not maps.group_data(group).is_file():
         raise UsageError(f"{maps.group_data(group)}: group '{group}' was not predicted; run the predict stage first "
                          "(its leakage checks guard interpretation too)")
-    train = settings_from(record, Train, "train")
+    train = section_from(Train, record["train"])
     if train.mode != "image":
         raise UsageError("interpretation maps are written for image-mode MAPS only in this version")
     if record["task"] == "reconstruction":
         raise UsageError("interpretation explains a prediction: not available for reconstruction")
     rows = pd.read_csv(maps.group_data(group), sep="\t", dtype={"participant_id": str, "session_id": str})
-    extraction = Extraction(**{k: coerce(Extraction, k, v) for k, v in record["extraction_settings"].items()})
+    extraction = section_from(Extraction, record["extraction_settings"])
     group_record = json.loads(maps.group_record(group).read_text())
     caps = Caps(Path(group_record["caps_directory"]))
     paths = image_paths(caps, rows, extraction)

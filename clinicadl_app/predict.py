@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 from . import __version__
 from .atomic import write_json, write_tsv
 from .caps import Caps
-from .config import Config, Extraction, Labels, Train, coerce
+from .config import Config, Extraction, Labels, Train, plain, section_from
 from .data import ImageStore, PartDataset, image_paths, part_spec
 from .errors import LeakageError, MissingInputError, UsageError
 from .experiment import experiment_name, load_selected, select_rows, task_from_record
@@ -34,10 +33,6 @@ from .tasks import PART
 from .training import Device
 
 log = logging.getLogger("clinicadl_app")
-
-
-def settings_from(record: dict, cls: type, key: str):
-    return cls(**{k: coerce(cls, k, v) for k, v in record[key].items()})
 
 
 def open_maps(path: Path) -> tuple[Maps, dict]:
@@ -62,9 +57,9 @@ def group_rows(config: Config, maps: Maps, record: dict, caps: Caps) -> tuple[pd
     """(rows, labelled, origin) of the group to predict."""
     column = record["label"]
     group = config.predict.group_name
-    labels = Labels(**{k: coerce(Labels, k, v) for k, v in record["labels"].items()})
+    labels = section_from(Labels, record["labels"])
     shadow = Config(config.bids_dir, config.output_dir, "group", labels=labels,
-                    train=settings_from(record, Train, "train"))
+                    train=section_from(Train, record["train"]))
     if group == "test" and config.predict.maps_dir is None:
         folder = SplitFolder(Path(record["split_directory"]))
         rows = select_rows(folder.read(folder.set_file("test"), column, labels.task), shadow)
@@ -131,8 +126,8 @@ def run_predict(config: Config, maps_dir: Path) -> Maps:
         log.warning("leakage check skipped on request: %s", "; ".join(problems))
     _record_group(maps, rows, settings.group_name, origin, leak_check, caps, config)
 
-    train = settings_from(record, Train, "train")
-    extraction = Extraction(**{k: coerce(Extraction, k, v) for k, v in record["extraction_settings"].items()})
+    train = section_from(Train, record["train"])
+    extraction = section_from(Extraction, record["extraction_settings"])
     device = Device.choose(train)
     paths = image_paths(caps, rows, extraction)
     store = ImageStore(paths)
@@ -189,8 +184,5 @@ def _record_group(maps: Maps, rows: pd.DataFrame, group: str, origin: str, leak_
     write_json(maps.group_record(group), {
         "origin": origin, "caps_directory": str(caps.root), "bids_directory": str(config.bids_dir),
         "leak_check": leak_check, "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "clinicadl_app_version": __version__, "predict": _jsonable(asdict(config.predict))})
+        "clinicadl_app_version": __version__, "predict": plain(config.predict)})
 
-
-def _jsonable(values: dict) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
