@@ -93,6 +93,11 @@ class Caps:
             images.append(CapsImage(participant_id, session_id, paths[0].name[: -len(suffix)]))
         return images, problems
 
+    def by_session(self, cropped: bool = True) -> dict[tuple[str, str], CapsImage]:
+        """The unambiguous t1-linear images by (participant_id, session_id)."""
+        images, _ = self.index(cropped=cropped)
+        return {(i.participant_id, i.session_id): i for i in images}
+
     # --- tensors (ClinicaDL 1.x names) --------------------------------------------------------------
     def tensor_dir(self, image: CapsImage, mode: str) -> Path:
         return (

@@ -35,8 +35,7 @@ NEAR_DUPLICATE = 0.9
 
 def fingerprint_rows(caps: Caps, keys: pd.DataFrame) -> pd.DataFrame:
     """participant_id, session_id, the CAPS image, and the SHA-256 of its BIDS source when recorded."""
-    images, _ = caps.index()
-    found = {(i.participant_id, i.session_id): i for i in images}
+    found = caps.by_session()
     rows = []
     for participant_id, session_id in keys[KEYS].itertuples(index=False):
         image = found.get((participant_id, session_id))
@@ -73,8 +72,7 @@ class Signatures:
 
     @classmethod
     def of(cls, caps: Caps, keys: pd.DataFrame) -> Signatures:
-        images, _ = caps.index()
-        found = {(i.participant_id, i.session_id): i for i in images}
+        found = caps.by_session()
         vectors = [signature(caps.t1_linear(found[(p, s)])) for p, s in keys[KEYS].itertuples(index=False)]
         return cls(keys[KEYS].reset_index(drop=True), np.stack(vectors) if vectors else np.zeros((0, 0)))
 

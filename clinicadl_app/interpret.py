@@ -127,9 +127,7 @@ def run_interpret(config: Config, maps_dir: Path) -> Maps:
 
 def _reference_image(caps: Caps, rows: pd.DataFrame, extraction: Extraction) -> nib.Nifti1Image:
     """The first image of the group: its affine places the maps in MNI space, its voxels under the overlay."""
-    images, _ = caps.index(cropped=not extraction.use_uncropped_image)
-    found = {(i.participant_id, i.session_id): i for i in images}
-    first = found[tuple(rows.iloc[0][KEYS])]
+    first = caps.by_session(cropped=not extraction.use_uncropped_image)[tuple(rows.iloc[0][KEYS])]
     return nib.load(str(caps.t1_linear(first, cropped=not extraction.use_uncropped_image)))
 
 
