@@ -162,13 +162,9 @@ def _sha(path) -> str:
 
 
 def _population_figure(report: pd.DataFrame, folder: SplitFolder) -> None:
-    import matplotlib
+    from .figures import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .atomic import atomic_path
-
+    plt = pyplot()
     sets = list(dict.fromkeys(report["set"]))
     labels = list(dict.fromkeys(report["label"]))
     fig, axes = plt.subplots(1, 2 if "age_mean" in report else 1, figsize=(11, 4), squeeze=False)
@@ -189,6 +185,4 @@ def _population_figure(report: pd.DataFrame, folder: SplitFolder) -> None:
         axes[0, 1].set_ylabel("age (mean ± sd)")
     fig.suptitle(f"population of the split in {folder.root.name}")
     fig.tight_layout()
-    with atomic_path(folder.population_figure) as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)
+    save_png(fig, folder.population_figure, dpi=90)

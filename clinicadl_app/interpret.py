@@ -23,6 +23,7 @@ from .config import Config, Extraction, Train, section_from
 from .data import ImageStore, PartDataset, image_paths, part_spec
 from .errors import UsageError
 from .experiment import experiment_name, load_selected, task_from_record
+from .figures import pyplot, save_png
 from .fingerprint import KEYS
 from .maps import Maps
 from .predict import open_maps
@@ -139,10 +140,7 @@ def _save(values: np.ndarray, reference: nib.Nifti1Image, path: Path) -> None:
 
 
 def _overlay(values: np.ndarray, reference: nib.Nifti1Image, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     background = np.asanyarray(reference.dataobj, dtype=np.float32)
     centre = [s // 2 for s in values.shape]
@@ -157,6 +155,4 @@ def _overlay(values: np.ndarray, reference: nib.Nifti1Image, path: Path, title: 
         ax.axis("off")
     fig.suptitle(title + "  (neurological orientation: left on the left)", color="white", fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, facecolor="black")
-    plt.close(fig)
+    save_png(fig, path, dpi=80, facecolor="black")

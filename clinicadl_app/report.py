@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import logging
 import math
@@ -20,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .atomic import write_text
+from .figures import png_data_uri, pyplot
 from .maps import Maps
 from .splits import SplitFolder
 
@@ -38,12 +38,7 @@ _KEY_METRICS = {"classification": ["BA", "accuracy", "sensitivity", "specificity
 
 
 def _figure_uri(fig) -> str:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return png_data_uri(fig, dpi=80, bbox_inches="tight")
 
 
 def _file_uri(path: Path) -> str:
@@ -70,10 +65,7 @@ def _table(frame: pd.DataFrame) -> str:
 
 
 def _learning_curves(maps: Maps, task: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figures = []
     main = {"classification": "BA", "regression": "MAE", "reconstruction": "SSIM"}[task]
@@ -138,10 +130,7 @@ def _metric_tables(maps: Maps, task: str) -> str:
 
 
 def _outcome_figures(maps: Maps, task: str, classes: list[str] | None) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from sklearn.metrics import confusion_matrix, roc_curve
 
     figures = []

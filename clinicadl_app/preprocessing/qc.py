@@ -59,10 +59,9 @@ def _nmi(a: np.ndarray, b: np.ndarray, bins: int = 64) -> float:
 
 def qc_figure(image: np.ndarray, out: Path, title: str) -> None:
     """Three planes of the registered image with the template's brain outline and tissue edges in red."""
-    import matplotlib
+    from ..figures import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     mask, _ = _template_in_mask()
     template = templates.image(templates.MNI_T1).numpy()
