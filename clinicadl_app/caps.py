@@ -62,6 +62,14 @@ class Caps:
     def sidecar(self, image: CapsImage) -> Path:
         return self.t1_linear_dir(image) / f"{image.prefix}{_CROPPED}.json"
 
+    def quality(self, image: CapsImage) -> dict | None:
+        """The t1-linear quality check recorded in the sidecar (correlation, threshold, passed), or None for an
+        image made by another tool."""
+        try:
+            return json.loads(self.sidecar(image).read_text()).get("QualityCheck")
+        except (FileNotFoundError, json.JSONDecodeError, AttributeError):
+            return None
+
     def transform(self, image: CapsImage) -> Path:
         return self.t1_linear_dir(image) / f"{image.prefix}{_TRANSFORM}"
 

@@ -135,6 +135,8 @@ class Labels:
         metavar="PARENT=CHILDREN",
     )
     name: str = option("", "name of the splits folder (default: the column and the classes)")
+    keep_failed_qc: bool = option(False, "keep images whose t1-linear registration failed the quality check "
+                                  "(by default they are dropped, with their correlation, in dropped.tsv)")
     age_column: str = option("age", "column holding age, used to balance the splits")
     sex_column: str = option("sex", "column holding sex, used to balance the splits")
 
@@ -244,7 +246,12 @@ class Predict:
     maps_dir: Path | None = option(None, "the MAPS to predict with (default: OUTPUT_DIR/maps/<experiment>)")
     group_name: str = option("test", "the group: 'test' is the split's test set; another name takes every "
                              "image of BIDS_DIR that has a t1-linear image in the CAPS")
-    skip_leak_check: bool = option(False, "evaluate even on subjects or images seen in training (recorded)")
+    skip_leak_check: bool = option(False, "evaluate even on subjects or images seen in training: both waivers "
+                                   "below (recorded)")
+    skip_label_check: bool = option(False, "waive the participant-label check only: predict on participants whose "
+                                    "labels were seen in training (recorded)")
+    skip_content_check: bool = option(False, "waive the content check only: predict on images whose source file or "
+                                      "signature matches a training image's (recorded)")
     near_duplicate: float = option(0.9, "image signature correlation from which two images are the same scan")
 
     def __post_init__(self) -> None:
@@ -252,6 +259,11 @@ class Predict:
             raise ValueError("--group_name may contain only letters, digits, '-' and '_'")
         if self.group_name in ("train", "validation", "train+validation"):
             raise ValueError(f"--group_name {self.group_name} is reserved for the data a model was trained on")
+
+    @property
+    def waived(self) -> tuple[bool, bool]:
+        """(labels, content): which leakage checks the user waived."""
+        return self.skip_leak_check or self.skip_label_check, self.skip_leak_check or self.skip_content_check
 
 
 @dataclass(frozen=True)

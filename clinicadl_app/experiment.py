@@ -103,20 +103,21 @@ def run_training(config: Config, splits_dir: Path, maps_dir: Path) -> Maps:
     read = lambda path: select_rows(folder.read(path, column, config.labels.task), config)  # noqa: E731
     all_train = read(folder.set_file("train"))
     test = read(folder.set_file("test"))
-    transfer = Transfer.open(settings, test, maps.root) if settings.transfer_path else None
+    transfer = Transfer.open(settings, maps.root) if settings.transfer_path else None
 
     prepared = [prepare_fold(config, caps, folder, fold, read, task_name) for fold in folds]
-    record = maps_record(config, folder, prepared[0], caps)
+    record = maps_record(config, folder, prepared[0], caps, maps)
     if transfer:
         transfer.check_compatible(record)
+        transfer.check_leakage(caps, config.bids_dir, test, {data.fold: data.validation for data in prepared})
     _write_maps_record(maps, record, config.execution.overwrite)
     _write_seen(maps, all_train, caps, transfer)
     for data in prepared:
         for group, rows in (("train", data.train), ("validation", data.validation)):
             write_tsv(maps.group_data(group, data.fold), rows)
             write_json(maps.group_record(group, data.fold), {
-                "caps_directory": str(caps.root), "split_directory": str(folder.root), "fold": data.fold,
-                "label": column, "origin": "split", "task": task_record(data.task)})
+                "caps_directory": maps.relative(caps.root), "split_directory": maps.relative(folder.root),
+                "fold": data.fold, "label": column, "origin": "split", "task": task_record(data.task)})
     for data in prepared:
         if fold_complete(maps, data.fold, selection_metrics(config, data.task)):
             log.info("split-%d: already trained; skipping (remove the fold folder to train it again)", data.fold)
@@ -167,7 +168,7 @@ def selection_metrics(config: Config, task: Task) -> tuple[str, ...]:
     return config.train.selection_metrics or task.default_selection()
 
 
-def maps_record(config: Config, folder: SplitFolder, data: FoldData, caps: Caps) -> dict:
+def maps_record(config: Config, folder: SplitFolder, data: FoldData, caps: Caps, maps: Maps) -> dict:
     settings = config.train
     in_shape = input_shape(data)
     try:
@@ -194,8 +195,10 @@ def maps_record(config: Config, folder: SplitFolder, data: FoldData, caps: Caps)
         "train": train,
         "labels": plain(config.labels),
         "split": json.loads(folder.record.read_text()),
-        "split_directory": str(folder.root),
-        "caps_directory": str(caps.root),
+        "split_membership_sha256": folder.membership_sha256(),
+        "split_directory": maps.relative(folder.root),
+        "caps_directory": maps.relative(caps.root),
+        "bids_directory": maps.relative(config.bids_dir),
         "extraction": extraction_description(settings.mode, config.extraction, caps),
         "extraction_settings": plain(config.extraction),
         "preprocessing": "t1-linear",
@@ -222,19 +225,26 @@ def task_from_record(record: dict) -> Task:
 def _comparable(record: dict) -> dict:
     train = {k: v for k, v in record["train"].items() if k not in _EXECUTION_ONLY}
     keep = ("task", "label", "label_code", "input_size", "mode", "labels", "extraction")
-    return {"train": train, "split": record["split"].get("labels_sha256"), **{k: record[k] for k in keep}}
+    return {"train": train, "split": record["split"].get("labels_sha256"), **{k: record.get(k) for k in keep}}
 
 
 def _write_maps_record(maps: Maps, record: dict, overwrite: bool) -> None:
+    """A MAPS is bound to its settings and to the exact membership of the split it was trained on: training
+    into it from another draw is refused (its models saw subjects the new draw may hold out), and
+    --overwrite removes the old models before anything is trained."""
     with lock(maps.record):
         if maps.record.exists():
             previous = json.loads(maps.record.read_text())
-            if _comparable(previous) != _comparable(record):
+            redrawn = previous.get("split_membership_sha256") != record["split_membership_sha256"]
+            if redrawn or _comparable(previous) != _comparable(record):
                 if not overwrite:
-                    raise UsageError(
-                        f"{maps.root}: this MAPS was trained with other settings or data; choose another "
-                        "[train] experiment name, or --overwrite to replace it"
-                    )
+                    why = ("was trained on another draw of the split (its sets' membership differs); its models saw "
+                           "subjects the new draw may put in the test set" if redrawn
+                           else "was trained with other settings or data")
+                    raise UsageError(f"{maps.root}: this MAPS {why}. Choose another [train] experiment name, or "
+                                     "--overwrite to remove its models and train again")
+                log.warning("%s: removing the MAPS trained on other settings or another split (--overwrite)",
+                            maps.root)
                 shutil.rmtree(maps.root)
             else:
                 record["created"] = previous["created"]
@@ -252,12 +262,18 @@ def _write_seen(maps: Maps, train: pd.DataFrame, caps: Caps, transfer) -> None:
     seen.insert(2, "maps", maps.root.name)
     signatures = Signatures.of(caps, keys)
     if transfer is not None:
-        seen = pd.concat([seen, transfer.seen], ignore_index=True)
-        if transfer.source.seen_signatures.exists():
-            signatures = signatures + Signatures.load(transfer.source.seen_signatures)
+        seen = pd.concat([seen, transfer.seen.rows], ignore_index=True)
+        if transfer.seen.signatures is not None:
+            signatures = signatures + transfer.seen.signatures
     with lock(maps.seen):
-        write_tsv(maps.seen, seen.drop_duplicates(KEYS + ["maps"]).sort_values(KEYS).reset_index(drop=True))
-        signatures.save(maps.seen_signatures)
+        if maps.seen.is_file():  # only ever grows while models trained on it exist
+            seen = pd.concat([pd.read_csv(maps.seen, sep="\t", dtype=str, keep_default_na=False), seen],
+                             ignore_index=True)
+        if maps.seen_signatures.is_file():
+            signatures = Signatures.load(maps.seen_signatures) + signatures
+        seen = seen.drop_duplicates(KEYS + ["maps"]).sort_values(KEYS).reset_index(drop=True)
+        write_tsv(maps.seen, seen)
+        signatures.unique().save(maps.seen_signatures)
 
 
 def fold_complete(maps: Maps, fold: int, metrics: tuple[str, ...]) -> bool:
@@ -285,8 +301,10 @@ def train_fold(config: Config, maps: Maps, data: FoldData, transfer) -> None:
             transfer.initialise(model, data.fold, network)
         parts = None if network is None else (network,)
         evaluator = Evaluator(data.task, settings.mode, device, settings.batch_size, settings, data.validation)
+        train_evaluator = Evaluator(data.task, settings.mode, device, settings.batch_size, settings, data.train)
         trainer = Trainer(model=model, task=data.task, settings=settings, maps=maps, fold=data.fold,
-                          network=network, selection=metrics, device=device, evaluator=evaluator)
+                          network=network, selection=metrics, device=device, evaluator=evaluator,
+                          train_evaluator=train_evaluator)
         trainer.fit(_restrict(data.train_set, parts), _restrict(data.validation_set, parts),
                     _restrict(data.train_eval, parts))
     write_results(config, maps, data, metrics, device)
@@ -319,6 +337,7 @@ def load_selected(maps: Maps, fold: int, metric: str, settings: Train, in_shape:
         except Exception as error:  # noqa: BLE001 - any unpickling failure means a damaged file
             raise InputDataError(f"{path}: not a readable model ({type(error).__name__}: {error}); "
                                  "train this fold again") from None
+        model.eval()  # inference only: dropout off, BatchNorm statistics frozen
         models.append((network, model.to(device.device), state))
     return models
 

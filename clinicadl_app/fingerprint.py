@@ -96,8 +96,13 @@ class Signatures:
             return self
         return Signatures(pd.concat([self.keys, other.keys], ignore_index=True), np.vstack([self.matrix, other.matrix]))
 
+    def unique(self) -> Signatures:
+        """One signature per session (the first recorded)."""
+        keep = ~self.keys.duplicated(KEYS).to_numpy()
+        return Signatures(self.keys[keep].reset_index(drop=True), self.matrix[keep] if len(self.keys) else self.matrix)
+
     def matches(self, seen: Signatures, threshold: float = NEAR_DUPLICATE) -> pd.DataFrame:
-        """Pairs (ours, seen) of different participants whose images correlate at least `threshold`."""
+        """Pairs (ours, seen) whose images correlate at least `threshold`, whatever their labels."""
         columns = [*KEYS, "seen_participant_id", "seen_session_id", "correlation"]
         if not len(self.keys) or not len(seen.keys):
             return pd.DataFrame(columns=columns)
@@ -107,7 +112,6 @@ class Signatures:
         rows = []
         for i, j in zip(*np.nonzero(correlation >= threshold), strict=True):
             ours, theirs = self.keys.iloc[i], seen.keys.iloc[j]
-            if ours.participant_id != theirs.participant_id:
-                rows.append([ours.participant_id, ours.session_id, theirs.participant_id, theirs.session_id,
-                             round(float(correlation[i, j]), 5)])
+            rows.append([ours.participant_id, ours.session_id, theirs.participant_id, theirs.session_id,
+                         round(float(correlation[i, j]), 5)])
         return pd.DataFrame(rows, columns=columns)

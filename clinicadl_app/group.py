@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import pandas as pd
 
 from . import __version__
 from .atomic import write_json, write_text, write_tsv
 from .caps import Caps
-from .config import Config
+from .config import STAGES, Config
 from .errors import ExitCode, UsageError
 from .labels import build_labels, parse_subgroups
 from .layout import OutputLayout
@@ -62,7 +63,7 @@ def run(config: Config) -> ExitCode:
     if "interpret" in stages:
         from .interpret import run_interpret
 
-        run_interpret(config, layout.maps_dir)
+        run_interpret(config, layout.maps_dir, asked=tuple(stages) != STAGES)
     if "report" in stages:
         from .experiment import experiment_name
         from .maps import Maps
@@ -128,13 +129,13 @@ def split_stage(config: Config, folder: SplitFolder) -> None:
             files[path.with_name(path.stem + "_baseline.tsv")] = baseline(table)
     for path, table in files.items():
         write_tsv(path, table[[c for c in rows.columns if c in table.columns]].sort_values(KEYS))
-    stale = [f for f in folder.folds() if f >= len(result.folds)]
-    for fold in stale:
-        for path in (folder.root / f"split-{fold}").glob("*.tsv"):
-            path.unlink()
+    for fold in folder.folds():
+        if fold >= len(result.folds):  # a redrawn split with fewer folds: no empty split-N may remain
+            shutil.rmtree(folder.set_file("train", fold).parent)
     report = population(sets, labels.column, labels.task)
     write_tsv(folder.population_table, report)
     _population_figure(report, folder)
+    record["membership_sha256"] = folder.membership_sha256()
     record["draws"] = {draw.name: draw.record() for draw in result.draws}
     record["counts"] = {name: {"participants": int(t.participant_id.nunique()), "sessions": len(t)}
                         for name, t in sets.items()}

@@ -68,22 +68,35 @@ def attribute(model: nn.Module, method: str, inputs: torch.Tensor, target: torch
     raise UsageError(f"unknown interpretation method {method}")
 
 
-def run_interpret(config: Config, maps_dir: Path) -> Maps:
+def run_interpret(config: Config, maps_dir: Path, asked: bool = True) -> Maps | None:
+    """`asked`: the stage was named on the command line; otherwise (the default run of every stage) what
+    cannot be interpreted is skipped with one line instead of refused."""
     maps, record = open_maps(config.predict.maps_dir or maps_dir / experiment_name(config))
     group = config.predict.group_name
     settings = config.interpret
+    train = section_from(Train, record["train"])
+    unsupported = ("interpretation explains a prediction: not available for reconstruction"
+                   if record["task"] == "reconstruction" else
+                   "interpretation maps are written for image-mode MAPS only in this version"
+                   if train.mode != "image" else None)
+    if unsupported:
+        if asked:
+            raise UsageError(unsupported)
+        log.info("interpret: skipped (%s)", unsupported)
+        return None
     if not maps.group_data(group).is_file():
+        no_test = group == "test" and record["split"].get("counts", {}).get("test", {}).get("participants") == 0
+        if no_test:
+            log.info("interpret: the split has no test set (n_test = 0); nothing to interpret")
+            return None
         raise UsageError(f"{maps.group_data(group)}: group '{group}' was not predicted; run the predict stage first "
                          "(its leakage checks guard interpretation too)")
-    train = section_from(Train, record["train"])
-    if train.mode != "image":
-        raise UsageError("interpretation maps are written for image-mode MAPS only in this version")
-    if record["task"] == "reconstruction":
-        raise UsageError("interpretation explains a prediction: not available for reconstruction")
-    rows = pd.read_csv(maps.group_data(group), sep="\t", dtype={"participant_id": str, "session_id": str})
+    text = {"participant_id": str, "session_id": str} | ({record["label"]: str} if record["task"] == "classification"
+                                                         else {})
+    rows = pd.read_csv(maps.group_data(group), sep="\t", dtype=text)
     extraction = section_from(Extraction, record["extraction_settings"])
     group_record = json.loads(maps.group_record(group).read_text())
-    caps = Caps(Path(group_record["caps_directory"]))
+    caps = Caps(maps.resolve(group_record["caps_directory"], "CAPS of the predicted group"))
     paths = image_paths(caps, rows, extraction)
     store = ImageStore(paths)
     shape = store.validate()
@@ -93,8 +106,10 @@ def run_interpret(config: Config, maps_dir: Path) -> Maps:
     label = record["label"]
     for fold in maps.folds():
         task = task_from_record(json.loads(maps.group_record("train", fold).read_text())["task"])
-        known = task.name == "classification" and rows[label].notna().all() and settings.target == "true"
-        targets = [task.target(v) if known else torch.tensor(0) for v in rows[label]] \
+        # explain the true class where the model knows it; else (or on request) the predicted one
+        known = ([settings.target == "true" and isinstance(v, str) and v in task.classes for v in rows[label]]
+                 if task.name == "classification" else [False] * len(rows))
+        targets = [task.target(v) if ok else torch.tensor(0) for v, ok in zip(rows[label], known, strict=True)] \
             if task.name == "classification" else [task.target(0.0)] * len(rows)
         dataset = PartDataset(store, spec, targets, train.normalize)
         for metric in maps.selection_metrics(fold):
@@ -108,7 +123,11 @@ def run_interpret(config: Config, maps_dir: Path) -> Maps:
                     inputs = item["input"].unsqueeze(0).to(device.device)
                     target = None
                     if task.name == "classification":
-                        target = item["target"] if known else model(inputs).argmax(1)[0].detach().cpu()
+                        if not known[index]:
+                            with torch.no_grad():  # the model is in eval mode (load_selected)
+                                target = model(inputs).argmax(1)[0].cpu()
+                        else:
+                            target = item["target"]
                         target = int(target)
                     values = attribute(model, method, inputs, target, settings.layer)[0, 0].cpu().numpy()
                     key = task.classes[target] if task.name == "classification" else "all"

@@ -133,6 +133,10 @@ def build_labels(bids_dir: Path, caps: Caps, settings: Labels, every_class: bool
 
     parents = parse_subgroups(settings.subgroups)
     dropped: list[tuple[str, str, str]] = []
+    if not settings.keep_failed_qc:
+        failed = failed_qc(caps, images)
+        dropped += [(p, s, why) for (p, s), why in failed.items()]
+        table = table[[key not in failed for key in map(tuple, table[KEYS].values.tolist())]]
     missing = table[column].isna()
     dropped += [(p, s, f"no value in column '{column}'") for p, s in table.loc[missing, KEYS].itertuples(index=False)]
     table = table[~missing].copy()
@@ -186,6 +190,18 @@ def build_labels(bids_dir: Path, caps: Caps, settings: Labels, every_class: bool
     if not missing_images.empty:
         dropped_table = pd.concat([dropped_table, missing_images]).sort_values(KEYS).reset_index(drop=True)
     return LabelTable(rows, dropped_table, column, settings.task, parents)
+
+
+def failed_qc(caps: Caps, images) -> dict[tuple[str, str], str]:
+    """Sessions whose registration failed its quality check, with the reason and the correlation."""
+    failed = {}
+    for image in images:
+        quality = caps.quality(image)
+        if quality and not quality.get("passed", True):
+            failed[(image.participant_id, image.session_id)] = (
+                f"failed the t1-linear quality check (r {quality['correlation']:.3f} < {quality['threshold']:.2f}); "
+                "look at its report, or keep it with --keep_failed_qc")
+    return failed
 
 
 def _bids_sessions_without_image(bids_dir: Path, participants: pd.DataFrame, sessions: pd.DataFrame,

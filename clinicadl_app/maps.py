@@ -7,7 +7,7 @@ maps/<experiment>/
   groups/<group>/[split-N/]{data.tsv,maps.json}
   split-N/training_logs/[network-P/]{training.tsv,tensorboard/}
   split-N/tmp/[network-P/]checkpoint.pth.tar  only while training runs or after a crash
-  split-N/best-<metric>/[network-P/]model.pth.tar
+  split-N/best-<metric>/model.pth.tar, or network-P_model.pth.tar per network (ClinicaDL 1.6.1's names)
   split-N/best-<metric>/<group>/<group>_<level>_level_{prediction,metrics}.tsv, description.log
 """
 
@@ -31,6 +31,39 @@ TRAIN_VALIDATION = "train+validation"
 class Maps:
     def __init__(self, root: Path):
         self.root = root
+
+    @property
+    def output_dir(self) -> Path:
+        """The OUTPUT_DIR a MAPS lives in (OUTPUT_DIR/maps/<experiment>): paths inside it are recorded
+        relative to it, so a moved output folder, or one made in a container, still works."""
+        return self.root.parent.parent
+
+    def relative(self, path: Path) -> str:
+        """How a path is written in this MAPS's records: relative to OUTPUT_DIR when inside it."""
+        resolved = Path(path).resolve()
+        try:
+            return str(resolved.relative_to(self.output_dir.resolve()))
+        except ValueError:
+            return str(resolved)
+
+    def recorded(self, value: str) -> Path:
+        """A path as written in this MAPS's records, as a path on this machine."""
+        path = Path(value)
+        return path if path.is_absolute() else self.output_dir / path
+
+    def trained_on(self, record: dict) -> list[Path]:
+        """The CAPS and BIDS folders the models were trained from: images from these are the same dataset."""
+        return [self.recorded(record[key]) for key in ("caps_directory", "bids_directory") if record.get(key)]
+
+    def resolve(self, recorded: str, what: str) -> Path:
+        """A recorded path as a path on this machine; a missing one is a clear error, never a traceback."""
+        path = self.recorded(recorded)
+        if not path.exists():
+            from .errors import MissingInputError
+
+            raise MissingInputError(f"{self.record}: the {what} it was made from, {path}, is not there; put it back "
+                                    "(paths inside OUTPUT_DIR are relative to it) or pass the folder explicitly")
+        return path
 
     @property
     def record(self) -> Path:
@@ -94,14 +127,15 @@ class Maps:
         return self.fold_dir(fold) / "tmp"
 
     def model(self, fold: int, metric: str, network: int | None = None) -> Path:
-        return self.fold_dir(fold) / f"best-{metric}" / self._network(network) / "model.pth.tar"
+        name = "model.pth.tar" if network is None else f"network-{network}_model.pth.tar"
+        return self.fold_dir(fold) / f"best-{metric}" / name
 
     def selection_metrics(self, fold: int) -> list[str]:
         return sorted(p.name[5:] for p in self.fold_dir(fold).glob("best-*") if p.is_dir())
 
     def networks(self, fold: int, metric: str) -> list[int | None]:
         folder = self.fold_dir(fold) / f"best-{metric}"
-        found = sorted(int(p.name[8:]) for p in folder.glob("network-*") if p.name[8:].isdigit())
+        found = sorted(int(p.name[8:-14]) for p in folder.glob("network-*_model.pth.tar") if p.name[8:-14].isdigit())
         return found or [None]
 
     def result_dir(self, fold: int, metric: str, group: str) -> Path:

@@ -125,49 +125,50 @@ def reconstruction(targets: list[torch.Tensor], outputs: list[torch.Tensor]) -> 
     return {key: float(np.mean(v)) if v else math.nan for key, v in values.items()}
 
 
-def bootstrap(y_true: np.ndarray, scores: np.ndarray, kind: str, n: int = 1000, seed: int = 0) -> dict[str, tuple]:
-    """95 % percentile bootstrap intervals over images, vectorised (n resamples of the whole set).
+def bootstrap(y_true: np.ndarray, scores: np.ndarray, kind: str, groups: np.ndarray | None = None, n: int = 1000,
+              seed: int = 0) -> dict[str, tuple]:
+    """95 % percentile bootstrap intervals, resampling participants (`groups`: one id per row; a participant's
+    sessions are drawn together, as the splits are made) or rows when `groups` is None; vectorised: each
+    resample weighs every row by how often its participant was drawn.
 
     kind "classification": y_true class indices, scores (m, k) probabilities -> accuracy, BA, sensitivity,
     specificity and AUC (binary); kind "regression": scores the predictions -> MAE, RMSE, R2.
     """
     y_true = np.asarray(y_true)
     m = len(y_true)
-    if m < 2:
+    codes = np.unique(np.asarray(groups), return_inverse=True)[1] if groups is not None else np.arange(m)
+    units = int(codes.max()) + 1 if m else 0
+    if units < 2:
         return {}
     rng = np.random.default_rng(seed)
-    index = rng.integers(0, m, size=(n, m))
-    truth = y_true[index]
+    drawn = rng.multinomial(units, np.full(units, 1.0 / units), size=n)  # (n, units): times each unit is drawn
+    weight = drawn[:, codes].astype(float)  # (n, m)
+    total = weight.sum(1)
     out: dict[str, np.ndarray] = {}
-    if kind == "classification":
-        proba = np.asarray(scores)
-        k = proba.shape[1]
-        predicted = proba.argmax(1)[index]
-        hit = predicted == truth
-        out["accuracy"] = hit.mean(1)
-        recalls = []
-        for c in range(k):
-            members = truth == c
-            with np.errstate(invalid="ignore", divide="ignore"):
-                recalls.append((hit & members).sum(1) / members.sum(1))
-        out["BA"] = np.nanmean(np.stack(recalls), 0) if k else np.full(n, np.nan)
-        if k == 2:
-            out["sensitivity"], out["specificity"] = recalls[1], recalls[0]
-            score = proba[:, 1][index]
-            order = np.argsort(score, axis=1, kind="stable")
-            ranks = np.empty_like(order, dtype=float)
-            np.put_along_axis(ranks, order, np.arange(1, m + 1, dtype=float)[None, :].repeat(n, 0), axis=1)
-            positives = (truth == 1).sum(1)
-            negatives = m - positives
-            with np.errstate(invalid="ignore", divide="ignore"):
-                out["AUC"] = ((ranks * (truth == 1)).sum(1) - positives * (positives + 1) / 2) / (positives * negatives)
-    else:
-        predicted = np.asarray(scores, float)[index]
-        error = predicted - truth
-        out["MAE"] = np.abs(error).mean(1)
-        out["RMSE"] = np.sqrt((error**2).mean(1))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out["R2"] = 1 - (error**2).sum(1) / ((truth - truth.mean(1, keepdims=True)) ** 2).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if kind == "classification":
+            proba = np.asarray(scores)
+            k = proba.shape[1]
+            hit = (proba.argmax(1) == y_true).astype(float)
+            out["accuracy"] = (weight * hit).sum(1) / total
+            recalls = [(weight * hit * (y_true == c)).sum(1) / (weight * (y_true == c)).sum(1) for c in range(k)]
+            out["BA"] = np.nanmean(np.stack(recalls), 0) if k else np.full(n, np.nan)
+            if k == 2:
+                out["sensitivity"], out["specificity"] = recalls[1], recalls[0]
+                positive, negative = y_true == 1, y_true == 0
+                score = proba[:, 1]
+                # weighted Mann-Whitney: each (positive, negative) pair counts w_i * w_j
+                order = np.sign(score[positive][:, None] - score[negative][None, :]) / 2 + 0.5
+                pairs = np.einsum("bi,ij,bj->b", weight[:, positive], order, weight[:, negative])
+                out["AUC"] = pairs / (weight[:, positive].sum(1) * weight[:, negative].sum(1))
+        else:
+            predicted = np.asarray(scores, float)
+            truth = y_true.astype(float)
+            error = predicted - truth
+            out["MAE"] = (weight * np.abs(error)).sum(1) / total
+            out["RMSE"] = np.sqrt((weight * error**2).sum(1) / total)
+            mean = (weight * truth).sum(1, keepdims=True) / total[:, None]
+            out["R2"] = 1 - (weight * error**2).sum(1) / (weight * (truth - mean) ** 2).sum(1)
     intervals = {}
     for name, values in out.items():
         finite = values[np.isfinite(values)]

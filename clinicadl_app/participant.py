@@ -232,7 +232,9 @@ def preprocess(job: Job, config: Config, caps: Caps) -> dict[str, float]:
         "SpatialReference": "MNI152NLin2009cSym",
         "Crop": {"Box": [[CROP[0].start, CROP[0].stop], [CROP[1].start, CROP[1].stop],
                          [CROP[2].start, CROP[2].stop]], "Shape": list(result.cropped.shape)},
-        "Parameters": {"seed": settings.seed, "qc_threshold": settings.qc_threshold},
+        # ANTs is not bit-reproducible (docs/design.md: reruns differ by up to ~0.2 mm, whatever the threads)
+        "Parameters": {"seed": settings.seed, "qc_threshold": settings.qc_threshold,
+                       "threads": int(os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "0")) or None},
         "QualityCheck": result.qc.as_dict(),
         "RegistrationRetried": result.retried,
         "Timings": {k: round(v, 2) for k, v in result.timings.items()},

@@ -1,17 +1,20 @@
 """The predict stage: the selected models of every fold evaluated on a group, after the leakage guards.
 
-A group is the split's test set ('test') or the images of another dataset (any other name). Refused, with
-exit code 20, unless --skip_leak_check (recorded in the group's files):
-- a participant of groups/train+validation.tsv (which holds the transfer sources' subjects too);
-- an image whose BIDS source has the SHA-256 of a training image's, or whose signature matches one (the
-  same scan under another name).
-Image-level votes of part-based models are weighted by validation results only.
+A group is the split's test set ('test') or the images of another dataset (any other name). First, the
+MAPS must still match its split (membership hash in maps.json). Then leakage.py's rule: refused, with exit
+code 20, for images that match a seen image by content, and for seen participant labels from the dataset
+trained on (or whose images match); --skip_label_check and --skip_content_check waive each (both:
+--skip_leak_check), and what was waived is recorded in the group's maps.json and description.log.
+Images of a class the model never saw are predicted and left out of the metrics; each prediction says
+whether the image passed the t1-linear quality check. Image-level votes of part-based models are weighted
+by validation results only.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,9 +28,10 @@ from .config import Config, Extraction, Labels, Train, plain, section_from
 from .data import ImageStore, PartDataset, image_paths, part_spec
 from .errors import LeakageError, MissingInputError, UsageError
 from .experiment import experiment_name, load_selected, select_rows, task_from_record
-from .fingerprint import KEYS, Signatures, fingerprint_rows
+from .fingerprint import KEYS
+from .leakage import Overlap, Seen, overlap, same_place
 from .maps import Maps
-from .results import evaluate_group
+from .results import GroupResult, evaluate_group
 from .splits import SplitFolder
 from .tasks import PART
 from .training import Device
@@ -53,6 +57,20 @@ def open_maps(path: Path) -> tuple[Maps, dict]:
     return maps, record
 
 
+def check_split(maps: Maps, record: dict) -> SplitFolder | None:
+    """The MAPS's split folder, refused when its sets are no longer those the models were trained on (a split
+    redrawn with --overwrite could put training subjects in the test set). None when it is not at hand."""
+    folder = SplitFolder(maps.recorded(record["split_directory"]))
+    if not folder.record.is_file():
+        return None
+    if folder.membership_sha256() != record.get("split_membership_sha256"):
+        raise LeakageError(
+            f"{folder.root}: the split was redrawn after the models of {maps.root} were trained (its membership "
+            "no longer matches maps.json); its test set may hold subjects these models trained on. Train again "
+            "(--stages train --overwrite), or restore the split the MAPS was trained on")
+    return folder
+
+
 def group_rows(config: Config, maps: Maps, record: dict, caps: Caps) -> tuple[pd.DataFrame, bool, str]:
     """(rows, labelled, origin) of the group to predict."""
     column = record["label"]
@@ -61,13 +79,16 @@ def group_rows(config: Config, maps: Maps, record: dict, caps: Caps) -> tuple[pd
     shadow = Config(config.bids_dir, config.output_dir, "group", labels=labels,
                     train=section_from(Train, record["train"]))
     if group == "test" and config.predict.maps_dir is None:
-        folder = SplitFolder(Path(record["split_directory"]))
+        folder = check_split(maps, record)
+        if folder is None:
+            raise MissingInputError(f"{maps.resolve(record['split_directory'], 'split folder')}: no split.json; "
+                                    "the test set of this MAPS is not at hand")
         rows = select_rows(folder.read(folder.set_file("test"), column, labels.task), shadow)
         return rows, True, f"test set of {folder.root}"
     from .labels import build_labels
 
-    try:
-        table = build_labels(config.bids_dir, caps, labels, every_class=False)
+    try:  # a new dataset: every image is predicted, those that failed QC marked in the prediction table
+        table = build_labels(config.bids_dir, caps, replace(labels, keep_failed_qc=True), every_class=False)
         rows, labelled = select_rows(table.rows, shadow), True
     except UsageError as error:
         if "no column" not in error.message:
@@ -80,51 +101,44 @@ def group_rows(config: Config, maps: Maps, record: dict, caps: Caps) -> tuple[pd
     return rows.sort_values(KEYS).reset_index(drop=True), labelled, f"images of {config.bids_dir} in {caps.root}"
 
 
-def check_leakage(maps: Maps, caps: Caps, rows: pd.DataFrame, threshold: float) -> list[str]:
-    """Every reason this group overlaps what the MAPS was trained or selected on."""
+def check_leakage(maps: Maps, record: dict, caps: Caps, rows: pd.DataFrame, config: Config) -> Overlap:
+    """How this group overlaps what the MAPS was trained or selected on (leakage.py has the rule)."""
     if not maps.seen.is_file():
         raise MissingInputError(f"{maps.seen}: missing; the MAPS does not say what it was trained on")
-    seen = pd.read_csv(maps.seen, sep="\t", dtype=str, keep_default_na=False)
-    problems = []
-    shared = sorted(set(rows.participant_id) & set(seen.participant_id))
-    if shared:
-        problems.append(f"{len(shared)} participant(s) seen in training: " + ", ".join(shared[:10])
-                        + (" ..." if len(shared) > 10 else ""))
-    ours = fingerprint_rows(caps, rows[KEYS].drop_duplicates())
-    copies = ours[(ours.source_sha256 != "") & ours.source_sha256.isin(set(seen.source_sha256) - {""})]
-    if len(copies):
-        problems.append("source file identical to a training image's for "
-                        + ", ".join(f"{p} {s}" for p, s in copies[KEYS].itertuples(index=False)))
-    if maps.seen_signatures.is_file():
-        try:
-            matches = Signatures.of(caps, rows[KEYS].drop_duplicates()).matches(
-                Signatures.load(maps.seen_signatures), threshold)
-        except ValueError:
-            matches = pd.DataFrame()
-            log.warning("%s: images on another grid than the training images: signatures not compared", caps.root)
-        if len(matches):
-            problems.append("the same scan as a training image under another name: " + ", ".join(
-                f"{r.participant_id} {r.session_id} = {r.seen_participant_id} {r.seen_session_id} (r {r.correlation})"
-                for r in matches.itertuples()))
-    return problems
+    same_dataset = config.predict.group_name == "test" and config.predict.maps_dir is None or any(
+        same_place(place, mine) for place in maps.trained_on(record) for mine in (caps.root, config.bids_dir))
+    return overlap(caps, rows, Seen.load(maps.seen, maps.seen_signatures), same_dataset,
+                   config.predict.near_duplicate)
 
 
-def run_predict(config: Config, maps_dir: Path) -> Maps:
+def run_predict(config: Config, maps_dir: Path) -> Maps | None:
     settings = config.predict
     maps, record = open_maps(settings.maps_dir or maps_dir / experiment_name(config))
+    check_split(maps, record)
     caps = Caps(config.caps_dir)
     rows, labelled, origin = group_rows(config, maps, record, caps)
     if rows.empty:
+        if settings.group_name == "test" and settings.maps_dir is None:
+            log.info("predict: the split has no test set (n_test = 0); nothing to predict")
+            return None
         raise MissingInputError(f"{caps.root}: no image to predict for group {settings.group_name}")
-    problems = check_leakage(maps, caps, rows, settings.near_duplicate)
-    if problems and not settings.skip_leak_check:
-        raise LeakageError(f"group '{settings.group_name}' overlaps the data of {maps.root}: " + "; ".join(problems)
+    found = check_leakage(maps, record, caps, rows, config)
+    skip_labels, skip_content = settings.waived
+    for warning in found.warnings:
+        log.warning("%s", warning)
+    refused = found.unwaived(skip_labels, skip_content)
+    if refused:
+        need_labels, need_content = found.labels and not skip_labels, found.content and not skip_content
+        waiver = "--skip_leak_check" if need_labels and need_content else \
+            "--skip_label_check" if need_labels else "--skip_content_check"
+        raise LeakageError(f"group '{settings.group_name}' overlaps the data of {maps.root}: " + "; ".join(refused)
                            + ". Predicting on it would report training performance as test performance; "
-                           "remove these images, or pass --skip_leak_check to do it anyway (it is recorded)")
-    leak_check = ("skipped by --skip_leak_check: " + "; ".join(problems)) if problems else "passed"
-    if problems:
-        log.warning("leakage check skipped on request: %s", "; ".join(problems))
-    _record_group(maps, rows, settings.group_name, origin, leak_check, caps, config)
+                           f"remove these images, or pass {waiver} to do it anyway (it is recorded)")
+    checks = found.record(skip_labels, skip_content)
+    leak_check = "passed" if not found else "skipped by request: " + "; ".join(found.labels + found.content)
+    if found:
+        log.warning("leakage check waived on request: %s", "; ".join(found.labels + found.content))
+    _record_group(maps, rows, settings.group_name, origin, leak_check, checks, caps, config)
 
     train = section_from(Train, record["train"])
     extraction = section_from(Extraction, record["extraction_settings"])
@@ -135,30 +149,85 @@ def run_predict(config: Config, maps_dir: Path) -> Maps:
     if list(shape) != list(record["input_size"])[-len(shape):] and train.mode == "image":
         raise UsageError(f"{caps.root}: images of shape {shape[1:]}, the MAPS was trained on {record['input_size']}")
     spec = part_spec(train.mode, shape[1:], extraction, caps)
+    quality = _quality(caps, rows)
     for fold in maps.folds():
         task = task_from_record(json.loads(maps.group_record("train", fold).read_text())["task"])
-        if labelled or task.name == "reconstruction":
-            targets = [task.target(v) for v in rows[record["label"]]]
-        else:  # a stand-in the loss can read; true labels are reported as missing
-            stand_in = torch.zeros((), dtype=torch.long) if task.name == "classification" else torch.zeros(1)
-            targets = [stand_in] * len(rows)
-        dataset = PartDataset(store, spec, targets, train.normalize)
+        known = _known_labels(task, rows, record["label"]) if labelled else pd.Series(False, index=rows.index)
+        if labelled and not known.all():
+            unknown = rows[~known]
+            log.warning("%d image(s) of group %s have a class the model never saw (%s): predicted, but left out of "
+                        "the metrics: %s", len(unknown), settings.group_name,
+                        ", ".join(sorted(set(unknown[record["label"]].astype(str)))),
+                        ", ".join(f"{p} {s}" for p, s in unknown[KEYS].itertuples(index=False)))
+        # images with a label the model knows are scored; the others are predicted without metrics
+        subsets = [(rows[mask], scored) for mask, scored in ((known, True), (~known, False)) if mask.any()]
         for metric in maps.selection_metrics(fold):
             models = load_selected(maps, fold, metric, train, tuple(record["input_size"]), task, device)
             weights = _validation_weights(maps, fold, metric, train, task)
-            result = evaluate_group(models, task, train, device, rows, dataset, weights)
-            if not labelled:
-                result.image_metrics, result.intervals = {}, {}
-                for table in (result.images, result.parts):
-                    if table is not None and "true_label" in table:
-                        table["true_label"] = None
-                if result.parts is not None:
-                    result.part_metrics = {}
-            result.write(maps, fold, metric, settings.group_name, note=f"leakage check: {leak_check}")
+            results = []
+            for subset, scored in subsets:
+                dataset = PartDataset(ImageStore([paths[i] for i in subset.index]), spec,
+                                      _targets(task, subset[record["label"]], scored), train.normalize)
+                result = evaluate_group(models, task, train, device, subset.reset_index(drop=True), dataset, weights)
+                results.append(result if scored else _without_labels(result))
+            result = _merge(results)
+            result.images.insert(2, "qc_passed", [quality[key] for key in map(tuple, result.images[KEYS].values)])
+            note = f"leakage check: {leak_check}"
+            if labelled and not known.all():
+                note += f"\nimages with a class the model never saw (left out of the metrics): {int((~known).sum())}"
+            result.write(maps, fold, metric, settings.group_name, note=note)
             log.info("predict split-%d best-%s on %s: %s", fold, metric, settings.group_name,
                      ", ".join(f"{k} {v:.3f}" for k, v in result.image_metrics.items() if k in ("BA", "MAE", "loss"))
                      or "no labels")
     return maps
+
+
+def _targets(task, labels: pd.Series, scored: bool) -> list[torch.Tensor]:
+    if scored or task.name == "reconstruction":
+        return [task.target(v) for v in labels]
+    # a stand-in the loss can read; the true labels are reported as missing
+    stand_in = torch.zeros((), dtype=torch.long) if task.name == "classification" else torch.zeros(1)
+    return [stand_in] * len(labels)
+
+
+def _without_labels(result: GroupResult) -> GroupResult:
+    result.image_metrics, result.intervals = {}, {}
+    for table in (result.images, result.parts):
+        if table is not None and "true_label" in table:
+            table["true_label"] = None
+    if result.parts is not None:
+        result.part_metrics = {}
+    return result
+
+
+def _merge(results: list[GroupResult]) -> GroupResult:
+    """One result from the scored images and the unscored ones: metrics are the scored images' alone."""
+    first = results[0]
+    if len(results) == 1:
+        return first
+    part_sort = KEYS + ([PART[first.level]] if first.parts is not None else [])
+    first.images = pd.concat([r.images for r in results], ignore_index=True).sort_values(KEYS).reset_index(drop=True)
+    if first.parts is not None:
+        first.parts = pd.concat([r.parts for r in results], ignore_index=True).sort_values(part_sort) \
+            .reset_index(drop=True)
+    return first
+
+
+def _known_labels(task, rows: pd.DataFrame, column: str) -> pd.Series:
+    """Rows whose label the model can score (classification: a class it was trained on)."""
+    if task.name == "classification":
+        return rows[column].astype(str).isin(task.classes) & rows[column].notna()
+    return rows[column].notna() if task.name == "regression" else pd.Series(True, index=rows.index)
+
+
+def _quality(caps: Caps, rows: pd.DataFrame) -> dict[tuple[str, str], object]:
+    """(participant, session) -> whether its registration passed QC ("n/a" for images made by another tool)."""
+    found = caps.by_session()
+    marks = {}
+    for key in map(tuple, rows[KEYS].values.tolist()):
+        quality = caps.quality(found[key]) if key in found else None
+        marks[key] = bool(quality["passed"]) if quality else "n/a"
+    return marks
 
 
 def _validation_weights(maps: Maps, fold: int, metric: str, train: Train, task) -> dict[int, float] | None:
@@ -172,8 +241,8 @@ def _validation_weights(maps: Maps, fold: int, metric: str, train: Train, task) 
     return task.part_weights(parts, column, train.selection_threshold)
 
 
-def _record_group(maps: Maps, rows: pd.DataFrame, group: str, origin: str, leak_check: str, caps: Caps,
-                  config: Config) -> None:
+def _record_group(maps: Maps, rows: pd.DataFrame, group: str, origin: str, leak_check: str,
+                  checks: dict[str, str], caps: Caps, config: Config) -> None:
     data = maps.group_data(group)
     if data.is_file():
         previous = pd.read_csv(data, sep="\t", dtype=str, keep_default_na=False)
@@ -182,7 +251,8 @@ def _record_group(maps: Maps, rows: pd.DataFrame, group: str, origin: str, leak_
                              "--group_name, or --overwrite")
     write_tsv(data, rows)
     write_json(maps.group_record(group), {
-        "origin": origin, "caps_directory": str(caps.root), "bids_directory": str(config.bids_dir),
-        "leak_check": leak_check, "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "origin": origin, "caps_directory": maps.relative(caps.root), "bids_directory": maps.relative(config.bids_dir),
+        "leak_check": leak_check, "label_check": checks["labels"], "content_check": checks["content"],
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "clinicadl_app_version": __version__, "predict": plain(config.predict)})
 

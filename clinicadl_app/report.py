@@ -97,7 +97,7 @@ def _metric_tables(maps: Maps, task: str) -> str:
     for fold in maps.folds():
         for metric in maps.selection_metrics(fold):
             for group in sorted(p.name for p in (maps.fold_dir(fold) / f"best-{metric}").iterdir()
-                                if p.is_dir() and not p.name.startswith("network-")):
+                                if p.is_dir()):
                 path = maps.metrics(fold, metric, group, "image")
                 if not path.is_file():
                     continue
@@ -126,7 +126,7 @@ def _metric_tables(maps: Maps, task: str) -> str:
                 entry[name] = f"{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0:.3f}"
         summary.append(entry)
     return ("<h3>Mean ± sd over splits</h3>" + _table(pd.DataFrame(summary))
-            + "<h3>Per split (bootstrap 95 % interval over images)</h3>" + _table(frame[shown]))
+            + "<h3>Per split (bootstrap 95 % interval, resampling participants)</h3>" + _table(frame[shown]))
 
 
 def _outcome_figures(maps: Maps, task: str, classes: list[str] | None) -> str:
@@ -182,7 +182,7 @@ def write_report(maps: Maps) -> Path:
     record = json.loads(maps.record.read_text())
     task = record["task"]
     environment = maps.environment.read_text().split("packages:")[0] if maps.environment.exists() else ""
-    folder = SplitFolder(Path(record["split_directory"]))
+    folder = SplitFolder(maps.recorded(record["split_directory"]))
     population = ""
     if folder.population_table.is_file():
         population = _table(pd.read_csv(folder.population_table, sep="\t"))
@@ -193,7 +193,8 @@ def write_report(maps: Maps) -> Path:
         info = maps.group_record(group)
         if info.is_file():
             data = json.loads(info.read_text())
-            groups.append({"group": group, "origin": data.get("origin", ""), "leak check": data.get("leak_check", "")})
+            groups.append({"group": group, "origin": data.get("origin", ""), "leak check": data.get("leak_check", ""),
+                           "labels check": data.get("label_check", ""), "content check": data.get("content_check", "")})
     summary = {
         "experiment": record["experiment"], "task": task, "label": record["label"],
         "classes": ", ".join(record.get("classes") or []) or "-", "mode": record["mode"],

@@ -27,7 +27,7 @@ class GroupResult:
     weights: dict[int, float] | None = None
     level: str = "image"
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
-    """Bootstrap 95 % intervals of the image-level metrics."""
+    """Bootstrap 95 % intervals of the image-level metrics, resampling participants."""
     models: list[tuple[int | None, int]] = field(default_factory=list)
     """(network, epoch) of each model used."""
 
@@ -88,9 +88,11 @@ def evaluate_group(models, task: Task, settings, device: Device, rows: pd.DataFr
 def intervals(task: Task, images: pd.DataFrame) -> dict[str, tuple[float, float]]:
     from .metrics import bootstrap
 
+    participants = images.participant_id.to_numpy()  # splits are by subject: so is the resampling
     if task.name == "classification":
         proba = images[[f"proba{i}" for i in range(task.output_size)]].to_numpy()
-        return bootstrap(images.true_label.to_numpy(int), proba, "classification")
+        return bootstrap(images.true_label.to_numpy(int), proba, "classification", participants)
     if task.name == "regression":
-        return bootstrap(images.true_label.to_numpy(float), images.predicted_label.to_numpy(float), "regression")
+        return bootstrap(images.true_label.to_numpy(float), images.predicted_label.to_numpy(float), "regression",
+                         participants)
     return {}

@@ -248,7 +248,26 @@ class SplitFolder:
         return folder / f"{name}{'_baseline' if baseline else ''}.tsv"
 
     def folds(self) -> list[int]:
-        return sorted(int(p.name.split("-")[1]) for p in self.root.glob("split-*") if p.is_dir())
+        """Folds that hold a training set (a folder left without one is not a fold)."""
+        return sorted(int(p.name.split("-")[1]) for p in self.root.glob("split-*")
+                      if p.name.split("-")[1].isdigit() and (p / "train.tsv").is_file())
+
+    def membership(self) -> dict[str, list[list[str]]]:
+        """Who is in each set: the test set, then each fold's training and validation sets."""
+        files = {"test": self.set_file("test")}
+        for fold in self.folds():
+            files[f"split-{fold}/train"] = self.set_file("train", fold)
+            files[f"split-{fold}/validation"] = self.set_file("validation", fold)
+        return {name: sorted(pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)[KEYS].values.tolist())
+                for name, path in files.items() if path.is_file()}
+
+    def membership_sha256(self) -> str:
+        """One hash of every set's exact membership: a model is bound to the draw it was trained on."""
+        import hashlib
+        import json
+
+        text = json.dumps(self.membership(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def read(self, path: Path, column: str, task: str) -> pd.DataFrame:
         dtypes = {"participant_id": str, "session_id": str, column: str if task == "classification" else float}

@@ -201,10 +201,13 @@ class Trainer:
     """Trains one network (one fold, one part position in multi-network mode) into the MAPS."""
 
     def __init__(self, *, model: nn.Module, task: Task, settings: Train, maps: Maps, fold: int,
-                 network: int | None, selection: tuple[str, ...], device: Device, evaluator: Evaluator):
+                 network: int | None, selection: tuple[str, ...], device: Device, evaluator: Evaluator,
+                 train_evaluator: Evaluator | None = None):
+        """`evaluator` reads the validation images' rows, `train_evaluator` the training images' (needed with
+        evaluate_train: the two sets differ in size and order)."""
         self.model, self.task, self.settings, self.maps = model, task, settings, maps
         self.fold, self.network, self.selection, self.device = fold, network, selection, device
-        self.evaluator = evaluator
+        self.evaluator, self.train_evaluator = evaluator, train_evaluator
         self.model.to(device.device, memory_format=memory_format(len(model_in_shape(model)) - 1))
         self.optimizer = make_optimizer(self.model, settings)
         self.scaler = torch.amp.GradScaler("cuda") if device.amp_dtype == torch.float16 else None
@@ -320,7 +323,9 @@ class Trainer:
         row: dict[str, object] = {"epoch": epoch, "step": self.state.step, "loss_train": train_loss,
                                   "images_per_second": round(speed, 3), "data_wait_share": round(wait_share, 4)}
         if settings.evaluate_train:
-            on_train = self.evaluator.evaluate(self.model, train_eval)
+            if self.train_evaluator is None:
+                raise ValueError("evaluate_train needs the training rows' evaluator")
+            on_train = self.train_evaluator.evaluate(self.model, train_eval)
             row.update({f"{k}_train": v for k, v in on_train.metrics.items()})
         row.update({f"{k}_validation": v for k, v in result.metrics.items()})
         row["evaluation_seconds"] = round(time.perf_counter() - start, 2)

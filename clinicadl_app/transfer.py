@@ -1,9 +1,11 @@
-"""Transfer learning from another MAPS, refused when the source saw any of our test subjects.
+"""Transfer learning from another MAPS, refused when the source saw data that must stay unseen.
 
 Supported: autoencoder -> CNN (the encoder initialises the convolutions), CNN -> CNN, CNN -> autoencoder,
 single -> multi-network (every network starts from the source) and multi -> multi (network by network).
-The source's training and validation sessions join our groups/train+validation.tsv, so later leakage
-checks know about them.
+Refused (leakage.py's rule, by label and by content): a source that trained or selected on any of our test
+subjects, or whose model for a fold was trained on that fold's validation subjects (its weights would bias
+model selection). The source's training and validation sessions join our groups/train+validation.tsv, so
+later leakage checks know about them.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .caps import Caps
 from .config import Train
 from .errors import LeakageError, MissingInputError, UsageError
+from .fingerprint import KEYS
+from .leakage import Seen, overlap, same_place
 from .maps import Maps
 
 log = logging.getLogger(__name__)
@@ -28,11 +33,11 @@ log = logging.getLogger(__name__)
 class Transfer:
     source: Maps
     record: dict
-    seen: pd.DataFrame
+    seen: Seen
     metric: str
 
     @classmethod
-    def open(cls, settings: Train, test: pd.DataFrame, own: Path) -> Transfer:
+    def open(cls, settings: Train, own: Path) -> Transfer:
         source = Maps(Path(settings.transfer_path))
         if source.root.resolve() == own.resolve():
             raise UsageError(f"{source.root}: a MAPS cannot be its own transfer source")
@@ -40,16 +45,44 @@ class Transfer:
             raise MissingInputError(f"{source.root}: not a MAPS (no maps.json or groups/train+validation.tsv); "
                                     "check [train] transfer_path")
         record = json.loads(source.record.read_text())
-        seen = pd.read_csv(source.seen, sep="\t", dtype=str, keep_default_na=False)
-        overlap = sorted(set(seen.participant_id) & set(test.participant_id))
-        if overlap:
-            shown = ", ".join(overlap[:10]) + (f" and {len(overlap) - 10} more" if len(overlap) > 10 else "")
+        return cls(source, record, Seen.load(source.seen, source.seen_signatures), settings.transfer_selection_metric)
+
+    def source_fold(self, fold: int) -> int:
+        folds = self.source.folds()
+        return fold if fold in folds else folds[0]
+
+    def check_leakage(self, caps: Caps, bids_dir: Path, test: pd.DataFrame,
+                      validations: dict[int, pd.DataFrame]) -> None:
+        """Before the first epoch: our test set against all the source saw, each fold's validation set against
+        what the source model used for that fold was trained on."""
+        same = any(same_place(place, mine) for place in self.source.trained_on(self.record)
+                   for mine in (caps.root, bids_dir))
+        problems = []
+        found = overlap(caps, test, self.seen, same)
+        if found:
+            problems.append("our test set: " + "; ".join(found.labels + found.content))
+        for fold, validation in validations.items():
+            found = overlap(caps, validation, self._trained_for(self.source_fold(fold)), same)
+            if found:
+                problems.append(f"the validation set of fold {fold} (its source model, split-{self.source_fold(fold)}, "
+                                "was trained on it): " + "; ".join(found.labels + found.content))
+        if problems:
             raise LeakageError(
-                f"{source.seen}: the transfer source was trained or validated on {len(overlap)} of our test "
-                f"subjects ({shown}); its weights would leak them into this model (biased transfer learning). "
-                "Use a source trained without them, or a split whose test set excludes them"
-            )
-        return cls(source, record, seen, settings.transfer_selection_metric)
+                f"{self.source.seen}: the transfer source saw data this model must not see, in "
+                + " | ".join(problems) + ". Its weights would leak them into this model (biased transfer learning). "
+                "Use a source trained without them (e.g. on the same split, fold by fold), or another split")
+
+    def _trained_for(self, fold: int) -> Seen:
+        """What the source's model for `fold` was trained on: that fold's training sessions, and everything
+        its own transfer sources saw."""
+        own = self.seen.rows.get("maps", pd.Series("", index=self.seen.rows.index)) == self.source.root.name
+        data = self.source.group_data("train", fold)
+        if not data.is_file():
+            return self.seen
+        trained = set(map(tuple, pd.read_csv(data, sep="\t", dtype=str)[KEYS].values.tolist()))
+        in_fold = pd.Series([key in trained for key in map(tuple, self.seen.rows[KEYS].values.tolist())],
+                            index=self.seen.rows.index)
+        return self.seen.restrict(~own | in_fold)
 
     def check_compatible(self, ours: dict) -> None:
         both_classify = ours["task"] == "classification" and self.record.get("task") == "classification"
@@ -63,8 +96,7 @@ class Transfer:
                              f"{ours['input_size']}; use a source trained on the same mode and extraction")
 
     def initialise(self, model: nn.Module, fold: int, network: int | None) -> None:
-        folds = self.source.folds()
-        source_fold = fold if fold in folds else folds[0]
+        source_fold = self.source_fold(fold)
         networks = self.source.networks(source_fold, self.metric)
         source_network = network if network in networks else networks[0]
         path = self.source.model(source_fold, self.metric, source_network)

@@ -59,3 +59,19 @@ def run_app(*args: str | Path, check: bool = False, env: dict[str, str] | None =
 @pytest.fixture(scope="session")
 def demo_bids() -> Path:
     return DEMO
+
+
+def subset_caps(root: Path, subjects: list[str]):
+    """A CAPS holding only some of the source brains (symbolic links)."""
+    from clinicadl_app.caps import Caps
+
+    (root / "subjects").mkdir(parents=True)
+    for subject in subjects:
+        os.symlink(CAPS2MM / "subjects" / subject, root / "subjects" / subject)
+    return Caps(root)
+
+
+def source_brains() -> tuple[list[str], list[str]]:
+    """12 brains to train on, 3 that no model sees (for new datasets)."""
+    everyone = sorted(p.name for p in (CAPS2MM / "subjects").iterdir())
+    return everyone[:12], everyone[12:]

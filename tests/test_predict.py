@@ -4,7 +4,6 @@ datasets are made from the 3 brains the model never saw."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,11 +14,10 @@ import pandas as pd
 import pytest
 import torch
 
-from clinicadl_app.caps import Caps
 from clinicadl_app.errors import ExitCode
 from clinicadl_app.generate import Trivial, generate_trivial
 
-from .conftest import CAPS2MM, TRIVIAL_SPLIT, run_app
+from .conftest import TRIVIAL_SPLIT, run_app, source_brains, subset_caps
 
 CONFIG = TRIVIAL_SPLIT + """
 [train]
@@ -31,18 +29,9 @@ methods = ["gradients", "grad-cam"]
 pytestmark = pytest.mark.slow
 
 
-def subset_caps(root: Path, subjects: list[str]) -> Caps:
-    """A CAPS holding only some of the source brains (symbolic links)."""
-    (root / "subjects").mkdir(parents=True)
-    for subject in subjects:
-        os.symlink(CAPS2MM / "subjects" / subject, root / "subjects" / subject)
-    return Caps(root)
-
-
 @pytest.fixture(scope="module")
 def brains() -> tuple[list[str], list[str]]:
-    everyone = sorted(p.name for p in (CAPS2MM / "subjects").iterdir())
-    return everyone[:12], everyone[12:]
+    return source_brains()
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +161,8 @@ def test_unlabelled_dataset_gets_predictions_without_metrics(full_run, brains, t
     table = pd.read_csv(data / "bids" / "participants.tsv", sep="\t").drop(columns=["diagnosis"])
     table.to_csv(data / "bids" / "participants.tsv", sep="\t", index=False)
     done = predict(data, tmp_path / "out", maps, "unlabelled")
-    assert done.returncode == 0, done.stderr and "without metrics" in done.stderr
+    assert done.returncode == 0, done.stderr
+    assert "without metrics" in done.stderr
     prediction = pd.read_csv(maps / "split-0" / "best-loss" / "unlabelled" / "unlabelled_image_level_prediction.tsv",
                              sep="\t")
     assert len(prediction) == 6 and prediction.proba0.notna().all()

@@ -125,7 +125,7 @@ def test_part_modes_learn(trivial, tmp_path, mode, extra):
                         sep="\t")
     assert part in parts and parts[part].nunique() > 1
     if "--multi_network" in extra:
-        assert (maps / "split-0" / "best-BA" / "network-1" / "model.pth.tar").exists()
+        assert (maps / "split-0" / "best-BA" / "network-1_model.pth.tar").exists(), "ClinicaDL 1.6.1's file name"
 
 
 def test_regression_learns_a_quantity_the_images_encode(tmp_path):
@@ -332,4 +332,4 @@ def test_transfer_single_to_multi_and_multi_to_multi_network(trivial, tmp_path):
                   stages=("train",))
     assert again.returncode == 0, again.stderr
     sources = [line.split(" from ")[1] for line in again.stderr.splitlines() if "transfer:" in line]
-    assert sorted(s.split("/")[-2] for s in sources) == ["network-0", "network-1"], sources
+    assert sorted(s.split("/")[-1] for s in sources) == ["network-0_model.pth.tar", "network-1_model.pth.tar"], sources

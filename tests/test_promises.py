@@ -1,0 +1,286 @@
+"""The group level keeps its promises outside the happy path: a redrawn split, several folds of unequal
+sizes, a moved output folder, datasets that reuse labels, classes a model never saw, images that failed
+QC, transfer sources that saw validation subjects, repeated inference. Small real runs at 4 mm."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from clinicadl_app.caps import Caps
+from clinicadl_app.errors import ExitCode
+from clinicadl_app.generate import Trivial, generate_trivial
+from clinicadl_app.splits import SplitFolder
+
+from .conftest import run_app, source_brains, subset_caps
+
+pytestmark = pytest.mark.slow
+
+EXPERIMENT = """
+[labels]
+column = "diagnosis"
+[split]
+n_test = 0.25
+n_splits = 3
+seed = 0
+max_attempts = 5
+[train]
+epochs = 1
+batch_size = 4
+evaluate_train = true
+[interpret]
+methods = ["gradients"]
+target = "predicted"
+"""
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """24 subjects from 12 brains at 4 mm (3 brains are kept back for new datasets)."""
+    root = tmp_path_factory.mktemp("promises")
+    generate_trivial(subset_caps(root / "sources", source_brains()[0]), root / "data",
+                     Trivial(n_subjects=24, seed=3, downsample=2))
+    (root / "experiment.toml").write_text(EXPERIMENT)
+    return root
+
+
+def group(data, out, *args, stages=None):
+    extra = ("--stages", *stages) if stages else ()
+    return run_app(data / "data" / "bids", out, "group", "--caps_dir", data / "data" / "caps", "--config",
+                   data / "experiment.toml", *extra, *args)
+
+
+def one_error_line(done) -> str:
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
+    return errors[0]
+
+
+def new_dataset(root, prefix: str, diagnoses: dict[int, str] | None = None):
+    """6 subjects from the 3 brains no model saw; `diagnoses` overrides some labels."""
+    generate_trivial(subset_caps(root / "sources", source_brains()[1]), root / "new",
+                     Trivial(n_subjects=6, seed=9, downsample=2, prefix=prefix))
+    table = pd.read_csv(root / "new" / "bids" / "participants.tsv", sep="\t")
+    for row, label in (diagnoses or {}).items():
+        table.loc[row, "diagnosis"] = label
+    table.to_csv(root / "new" / "bids" / "participants.tsv", sep="\t", index=False)
+    return root / "new"
+
+
+def predict(dataset, out, maps, group_name, *extra):
+    return run_app(dataset / "bids", out, "group", "--stages", "predict", "--maps_dir", maps, "--group_name",
+                   group_name, "--caps_dir", dataset / "caps", *extra)
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """The default run of every stage, 3 folds of unequal sizes, --evaluate_train, target 'predicted'."""
+    out = tmp_path_factory.mktemp("trained") / "out"
+    done = group(data, out)
+    assert done.returncode == 0, done.stderr
+    return out, out / "maps" / "diagnosis_image_Conv5_FC3"
+
+
+def test_evaluate_train_with_unequal_sets_reports_the_selected_model(trained):
+    """Each fold's training set is larger than its validation set; the training-set metrics logged at the
+    selected epoch are those of the saved model on the training set."""
+    out, maps = trained
+    for fold in (0, 1, 2):
+        train = pd.read_csv(out / "splits" / "diagnosis" / f"split-{fold}" / "train.tsv", sep="\t")
+        validation = pd.read_csv(out / "splits" / "diagnosis" / f"split-{fold}" / "validation.tsv", sep="\t")
+        assert len(train) > len(validation)
+        log = pd.read_csv(maps / f"split-{fold}" / "training_logs" / "training.tsv", sep="\t")
+        epoch = torch.load(maps / f"split-{fold}" / "best-loss" / "model.pth.tar", weights_only=True)["epoch"]
+        row = log[log.epoch == epoch].iloc[-1]
+        on_train = pd.read_csv(maps / f"split-{fold}" / "best-loss" / "train" / "train_image_level_metrics.tsv",
+                               sep="\t").iloc[0]
+        assert row.BA_train == pytest.approx(on_train.BA, abs=1e-9)
+        assert row.loss_train == pytest.approx(on_train.loss, rel=1e-4)
+
+
+def test_records_hold_relative_paths_and_the_split_membership(trained):
+    out, maps = trained
+    record = json.loads((maps / "maps.json").read_text())
+    assert record["split_directory"] == "splits/diagnosis"
+    assert record["split_membership_sha256"] == SplitFolder(out / "splits" / "diagnosis").membership_sha256()
+    assert json.loads((maps / "groups" / "train" / "split-0" / "maps.json").read_text())["split_directory"] \
+        == "splits/diagnosis"
+    recorded = json.dumps({key: value for key, value in record.items() if key != "command"})
+    assert str(out) not in recorded, "no path into OUTPUT_DIR is absolute"
+
+
+def test_a_moved_output_folder_still_predicts_interprets_and_reports(trained, data, tmp_path):
+    out, maps = trained
+    moved = tmp_path / "elsewhere" / "out"
+    shutil.copytree(out, moved, symlinks=True)
+    hidden = out.with_name("hidden")
+    out.rename(hidden)  # nothing may still point into the old place
+    try:
+        done = group(data, moved, stages=("predict", "interpret", "report"))
+        assert done.returncode == 0, done.stderr
+        assert (moved / "maps" / maps.name / "split-0" / "best-loss" / "test" / "interpret-gradients").is_dir()
+        assert "Attribution maps" in (moved / "maps" / maps.name / "report.html").read_text()
+        # an external folder that is gone: one line naming it
+        caps = data / "data" / "caps"
+        caps.rename(caps.with_name("caps-away"))
+        try:
+            missing = group(data, moved, stages=("interpret",))
+        finally:
+            caps.with_name("caps-away").rename(caps)
+        assert missing.returncode == ExitCode.MISSING_INPUT and str(caps) in one_error_line(missing)
+    finally:
+        hidden.rename(out)
+
+
+def test_inference_runs_in_eval_mode_and_repeats_exactly(trained, data):
+    """Dropout (0.5) is on in training mode: any inference in training mode would change between runs."""
+    out, maps = trained
+    paths = sorted((maps / "split-0" / "best-loss" / "test" / "interpret-gradients").glob("*.nii.gz"))
+    first = [nib.load(str(p)).get_fdata() for p in paths]
+    prediction = maps / "split-0" / "best-loss" / "test" / "test_image_level_prediction.tsv"
+    before = pd.read_csv(prediction, sep="\t")
+    again = group(data, out, stages=("predict", "interpret"))
+    assert again.returncode == 0, again.stderr
+    pd.testing.assert_frame_equal(before, pd.read_csv(prediction, sep="\t"))
+    for path, values in zip(paths, first, strict=True):
+        assert np.array_equal(values, nib.load(str(path)).get_fdata()), path
+
+
+def test_a_dataset_reusing_labels_with_other_images_is_warned_not_refused(trained, tmp_path):
+    _, maps = trained
+    dataset = new_dataset(tmp_path, "TRIV")  # sub-TRIV000... as in training, other brains
+    seen = set(pd.read_csv(maps / "groups" / "train+validation.tsv", sep="\t").participant_id)
+    assert seen & set(pd.read_csv(dataset / "bids" / "participants.tsv", sep="\t").participant_id)
+    done = predict(dataset, tmp_path / "out", maps, "reused")
+    assert done.returncode == 0, done.stderr
+    assert "also used by a seen participant" in done.stderr
+    record = json.loads((maps / "groups" / "reused" / "maps.json").read_text())
+    assert record["label_check"] == record["content_check"] == "passed"
+
+
+def test_the_training_dataset_needs_both_waivers_each_recorded(trained, data, tmp_path):
+    _, maps = trained
+    dataset = data / "data"
+    labels_only = predict(dataset, tmp_path / "out", maps, "again", "--skip_content_check")
+    assert labels_only.returncode == ExitCode.LEAKAGE and "--skip_label_check" in one_error_line(labels_only)
+    content_only = predict(dataset, tmp_path / "out", maps, "again", "--skip_label_check")
+    assert content_only.returncode == ExitCode.LEAKAGE and "--skip_content_check" in one_error_line(content_only)
+    assert "same scan" in content_only.stderr
+    both = predict(dataset, tmp_path / "out", maps, "again", "--skip_label_check", "--skip_content_check")
+    assert both.returncode == 0, both.stderr
+    record = json.loads((maps / "groups" / "again" / "maps.json").read_text())
+    assert record["label_check"].startswith("waived") and record["content_check"].startswith("waived")
+    assert "leakage check: skipped" in (maps / "split-0" / "best-loss" / "again" / "description.log").read_text()
+
+
+def test_a_class_the_model_never_saw_is_predicted_outside_the_metrics(trained, tmp_path):
+    _, maps = trained
+    dataset = new_dataset(tmp_path, "NEW", {0: "MCI", 3: "MCI"})
+    done = predict(dataset, tmp_path / "out", maps, "withmci")
+    assert done.returncode == 0, done.stderr
+    assert "never saw (MCI)" in done.stderr and "sub-NEW000" in done.stderr and "sub-NEW003" in done.stderr
+    folder = maps / "split-0" / "best-loss" / "withmci"
+    prediction = pd.read_csv(folder / "withmci_image_level_prediction.tsv", sep="\t")
+    assert len(prediction) == 6
+    unknown = prediction.participant_id.isin(["sub-NEW000", "sub-NEW003"])
+    assert prediction[unknown].true_label.isna().all() and prediction[~unknown].true_label.notna().all()
+    metrics = pd.read_csv(folder / "withmci_image_level_metrics.tsv", sep="\t").iloc[0]
+    known = prediction[~unknown]
+    assert metrics.accuracy == pytest.approx((known.true_label == known.predicted_label).mean())
+
+
+def test_failed_qc_is_dropped_by_labels_and_marked_by_predict(trained, data, tmp_path):
+    _, maps = trained
+    copy = tmp_path / "data"
+    shutil.copytree(data / "data", copy, symlinks=True)
+    caps = Caps(copy / "caps")
+    images = sorted(caps.index()[0])
+    failed = images[0]
+    for image in images:
+        bad = image == failed
+        caps.sidecar(image).write_text(json.dumps({"QualityCheck": {
+            "correlation": 0.12 if bad else 0.45, "nmi": 1.1, "threshold": 0.3, "passed": not bad}}))
+    out = tmp_path / "out"
+    labels = run_app(copy / "bids", out, "group", "--caps_dir", copy / "caps", "--config", data / "experiment.toml",
+                     "--stages", "labels")
+    assert labels.returncode == 0, labels.stderr
+    dropped = pd.read_csv(out / "splits" / "diagnosis" / "dropped.tsv", sep="\t")
+    (reason,) = dropped[dropped.participant_id == failed.participant_id].reason
+    assert "quality check" in reason and "r 0.120" in reason
+    kept = pd.read_csv(out / "splits" / "diagnosis" / "labels.tsv", sep="\t")
+    assert failed.participant_id not in set(kept.participant_id) and len(kept) == len(images) - 1
+    keep = run_app(copy / "bids", tmp_path / "keep", "group", "--caps_dir", copy / "caps", "--config",
+                   data / "experiment.toml", "--stages", "labels", "--keep_failed_qc")
+    assert keep.returncode == 0, keep.stderr
+    assert len(pd.read_csv(tmp_path / "keep" / "splits" / "diagnosis" / "labels.tsv", sep="\t")) == len(images)
+
+    dataset = new_dataset(tmp_path, "QC")
+    new_caps = Caps(dataset / "caps")
+    new_images = sorted(new_caps.index()[0])
+    for image in new_images:
+        bad = image == new_images[1]
+        new_caps.sidecar(image).write_text(json.dumps({"QualityCheck": {
+            "correlation": 0.1 if bad else 0.5, "nmi": 1.1, "threshold": 0.3, "passed": not bad}}))
+    done = predict(dataset, tmp_path / "pred", maps, "qc")
+    assert done.returncode == 0, done.stderr
+    prediction = pd.read_csv(maps / "split-0" / "best-loss" / "qc" / "qc_image_level_prediction.tsv", sep="\t")
+    marks = dict(zip(prediction.participant_id, prediction.qc_passed.astype(str), strict=True))
+    assert marks.pop(new_images[1].participant_id) == "False"
+    assert set(marks.values()) == {"True"}, marks
+
+
+def test_a_redrawn_split_binds_the_maps_until_retrained(data, tmp_path):
+    """labels split train (3 folds), a split redrawn with 2 folds and --overwrite: training into the old MAPS
+    and predicting with it are refused; --overwrite retrains on the new draw, which predict then accepts."""
+    out = tmp_path / "out"
+    first = group(data, out, stages=("labels", "split", "train"))
+    assert first.returncode == 0, first.stderr
+    maps = out / "maps" / "diagnosis_image_Conv5_FC3"
+    models = {p: p.read_bytes() for p in maps.rglob("*.pth.tar")}
+    assert (maps / "split-2").is_dir()
+
+    redraw = group(data, out, "--split_seed", "5", "--n_splits", "2", "--overwrite", stages=("split",))
+    assert redraw.returncode == 0, redraw.stderr
+    folder = SplitFolder(out / "splits" / "diagnosis")
+    assert folder.folds() == [0, 1] and not (folder.root / "split-2").exists(), "no empty fold folder is left"
+
+    refused = group(data, out, stages=("train",))
+    assert refused.returncode == ExitCode.USAGE and "another draw" in one_error_line(refused)
+    assert "--overwrite" in one_error_line(refused)
+    assert {p: p.read_bytes() for p in maps.rglob("*.pth.tar")} == models, "the old models are untouched"
+
+    stale = group(data, out, stages=("predict",))
+    assert stale.returncode == ExitCode.LEAKAGE and "redrawn" in one_error_line(stale)
+    assert not (maps / "split-0" / "best-loss" / "test").exists()
+
+    retrained = group(data, out, "--overwrite", stages=("train",))
+    assert retrained.returncode == 0, retrained.stderr
+    assert not (maps / "split-2").exists(), "the models of the old draw are gone"
+    assert json.loads((maps / "maps.json").read_text())["split_membership_sha256"] == folder.membership_sha256()
+    seen = pd.read_csv(maps / "groups" / "train+validation.tsv", sep="\t")
+    train = pd.read_csv(folder.set_file("train"), sep="\t")
+    assert set(seen.participant_id) == set(train.participant_id)
+    accepted = group(data, out, stages=("predict",))
+    assert accepted.returncode == 0, accepted.stderr
+
+
+def test_a_transfer_source_trained_on_our_validation_subjects_is_refused(data, tmp_path):
+    out = tmp_path / "out"
+    source = group(data, out, "--split", "1", "--experiment", "source", stages=("labels", "split", "train"))
+    assert source.returncode == 0, source.stderr
+    # fold 0 has no source model of its own: the source's fold 1 model trained on fold 0's validation subjects
+    biased = group(data, out, "--split", "0", "--experiment", "biased", "--transfer_path", out / "maps" / "source",
+                   stages=("train",))
+    assert biased.returncode == ExitCode.LEAKAGE and "validation set of fold 0" in one_error_line(biased)
+    assert not (out / "maps" / "biased" / "split-0").exists()
+    # fold by fold on the same split: accepted
+    fair = group(data, out, "--split", "1", "--experiment", "fair", "--transfer_path", out / "maps" / "source",
+                 stages=("train",))
+    assert fair.returncode == 0, fair.stderr
+    assert "transfer:" in fair.stderr
