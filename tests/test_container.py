@@ -48,3 +48,21 @@ def test_circleci_configuration_validates_and_continues_into_circle_ci():
     assert (ROOT / job["continuation/continue"]["configuration_path"]).is_file()
     pipeline = yaml.safe_load((ROOT / "circle-ci" / "config.yml").read_text())
     assert {"tests", "build", "deploy"} <= set(pipeline["jobs"])
+
+
+def test_container_prerequisites_fail_with_one_line_each(tmp_path):
+    """A machine without podman (or with a runtime named in containers.conf but not installed) is told which
+    piece is missing, and the check fails instead of the build failing deep inside podman."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("sed", "dirname"):
+        (bin_dir / name).symlink_to(shutil.which(name))
+    done = subprocess.run(["/bin/bash", str(ROOT / "circle-ci" / "container_prerequisites.sh")], capture_output=True,
+                          text=True, env={"PATH": str(bin_dir)})
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert any("'podman' is missing" in line and "podman" in line for line in lines), lines
+    assert any("no OCI runtime" in line for line in lines), lines
+    assert all(line.startswith("container test:") for line in lines)
+    conf = (ROOT / "circle-ci" / "containers.conf").read_text()
+    assert not re.search(r"^\s*runtime\s*=", conf, re.MULTILINE), "podman picks the runtime that is installed"

@@ -111,10 +111,13 @@ def test_tensors_have_clinicadl_names_and_shapes(run_two_jobs):
         assert torch.equal(whole[0], data)
         patches = sorted(caps.tensor_dir(image, "patch").glob("*_patchsize-50_stride-50_patch-*_T1w.pt"))
         assert len(patches) == 36
-        assert torch.load(caps.patch_tensor(image, 50, 50, 35), weights_only=True).shape == (1, 50, 50, 50)
+        stem = f"{image.participant_id}_{image.session_id}_space-MNI152NLin2009cSym_desc-Crop_res-1x1x1"
+        patch = caps.tensor_dir(image, "patch") / f"{stem}_patchsize-50_stride-50_patch-35_T1w.pt"
+        assert torch.load(patch, weights_only=True).shape == (1, 50, 50, 50)
         slices = sorted(caps.tensor_dir(image, "slice").glob("*_axis-sag_channel-rgb_slice-*_T1w.pt"))
         assert len(slices) == 169 - 40
-        assert torch.load(caps.slice_tensor(image, 0, "rgb", 20), weights_only=True).shape == (3, 208, 179)
+        first = caps.tensor_dir(image, "slice") / f"{stem}_axis-sag_channel-rgb_slice-20_T1w.pt"
+        assert torch.load(first, weights_only=True).shape == (3, 208, 179)
         roi = torch.load(caps.roi_tensor(image, "leftHippocampusBox"), weights_only=True)
         assert roi.shape == (1, 50, 50, 50) and left_box.sum() == 50**3
         name = caps.roi_tensor(image, "leftHippocampusBox").name

@@ -52,6 +52,9 @@ def load_t1w(path: Path) -> nib.Nifti1Image:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj, dtype=np.float32)
     except FileNotFoundError:
+        if path.is_symlink():  # a DataLad / git-annex file whose content was never fetched
+            raise InputDataError(f"{path}: a symbolic link to a missing file ({path.readlink()}); fetch its content "
+                                 "(e.g. datalad get) or remove it") from None
         raise InputDataError(f"{path}: file not found; check the BIDS folder") from None
     except PermissionError:
         raise InputDataError(f"{path}: cannot be read (permission denied); fix its permissions") from None
