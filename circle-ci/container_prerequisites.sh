@@ -14,13 +14,13 @@ need debootstrap debootstrap "makes the Debian base image without a registry"
 need newuidmap uidmap "maps the image's non-root user"
 need fuse-overlayfs fuse-overlayfs "podman's storage driver here"
 if ! command -v crun >/dev/null 2>&1 && ! command -v runc >/dev/null 2>&1; then
-  echo "container test: no OCI runtime (crun or runc); install the Debian package crun (tools/test.sh does)" >&2
+  echo "container test: no OCI runtime (runc or crun); install the Debian package runc (tools/test.sh does)" >&2
   status=1
 fi
 conf="$(dirname "$0")/containers.conf"
 named=$(sed -n 's/^ *runtime *= *"\(.*\)".*/\1/p' "$conf")
 if [ -n "$named" ] && ! command -v "$named" >/dev/null 2>&1; then
-  echo "container test: $conf names the runtime '$named', which is not installed" >&2
+  echo "container test: $conf names the runtime '$named', which is not installed; install the Debian package $named (tools/test.sh does)" >&2
   status=1
 fi
 exit $status

@@ -209,7 +209,8 @@ class Train:
     loss: Literal["", "CrossEntropyLoss", "MSELoss", "L1Loss", "HuberLoss"] = option(
         "", "loss (default: CrossEntropyLoss for classification, MSELoss otherwise)")
     class_weights: bool = option(False, "classification: weight the loss by inverse class frequency")
-    normalize: bool = option(True, "min-max normalise each image to [0, 1] (ClinicaDL's MinMaxNormalization)")
+    normalize: bool = option(True, "min-max normalise to [0, 1] with the whole image's range, parts included "
+                             "(ClinicaDL 1.6.1 normalises each patch, slice or ROI on its own range)")
     data_augmentation: tuple[Augmentation, ...] = option((), "random transforms of training inputs", metavar="NAME")
     evaluate_train: bool = option(False, "evaluate the whole training set at each evaluation, as ClinicaDL does")
     batchnorm_recompute: int = option(

@@ -64,5 +64,7 @@ def test_container_prerequisites_fail_with_one_line_each(tmp_path):
     assert any("'podman' is missing" in line and "podman" in line for line in lines), lines
     assert any("no OCI runtime" in line for line in lines), lines
     assert all(line.startswith("container test:") for line in lines)
-    conf = (ROOT / "circle-ci" / "containers.conf").read_text()
-    assert not re.search(r"^\s*runtime\s*=", conf, re.MULTILINE), "podman picks the runtime that is installed"
+    named = re.search(r'^runtime = "(\w+)"', (ROOT / "circle-ci" / "containers.conf").read_text(), re.MULTILINE)
+    assert any(f"'{named.group(1)}'" in line and "not installed" in line for line in lines), lines
+    script = (ROOT / "tools" / "test.sh").read_text()
+    assert re.search(rf"^packages=\(.*\b{named.group(1)}\b", script, re.MULTILINE), "the named runtime is installed"

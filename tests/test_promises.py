@@ -284,3 +284,58 @@ def test_a_transfer_source_trained_on_our_validation_subjects_is_refused(data, t
                  stages=("train",))
     assert fair.returncode == 0, fair.stderr
     assert "transfer:" in fair.stderr
+
+
+DEFAULT_RUN = """
+[labels]
+column = "diagnosis"
+[split]
+n_test = 0.25
+n_splits = 0
+n_validation = 0.25
+max_attempts = 3
+[train]
+epochs = 1
+batch_size = 4
+[interpret]
+methods = ["gradients"]
+"""
+
+
+@pytest.fixture(scope="module")
+def data_2mm(tmp_path_factory):
+    """16 subjects from 8 brains at 2 mm: parts of a useful size."""
+    root = tmp_path_factory.mktemp("default2mm")
+    generate_trivial(subset_caps(root / "sources", source_brains()[0][:8]), root / "data",
+                     Trivial(n_subjects=16, seed=4))
+    (root / "experiment.toml").write_text(DEFAULT_RUN)
+    return root
+
+
+@pytest.mark.parametrize(("case", "extra"), [
+    ("patch", ["--mode", "patch", "--patch_size", "42", "--stride_size", "42"]),
+    ("roi", ["--mode", "roi"]),
+    ("slice", ["--mode", "slice", "--slice_direction", "2", "--discarded_slices", "25", "--architecture", "Conv4_FC3"]),
+    ("regression", ["--column", "age", "--task", "regression"]),
+    ("reconstruction", ["--network_task", "reconstruction"]),
+    ("no-test-set", ["--n_test", "0"]),
+])
+def test_the_default_group_run_completes_for_every_mode_and_task(case, extra, data, data_2mm, tmp_path):
+    """run.py BIDS OUT group with no --stages: all six stages, whatever the mode and task."""
+    root = data_2mm if case in ("patch", "roi", "slice") else data
+    (tmp_path / "experiment.toml").write_text(DEFAULT_RUN)
+    done = run_app(root / "data" / "bids", tmp_path / "out", "group", "--caps_dir", root / "data" / "caps",
+                   "--config", tmp_path / "experiment.toml", *extra)
+    assert done.returncode == 0, done.stderr
+    (maps,) = (tmp_path / "out" / "maps").iterdir()
+    assert "<h2>Metrics</h2>" in (maps / "report.html").read_text()
+    test_metrics = maps / "split-0" / "best-loss" / "test" / "test_image_level_metrics.tsv"
+    interpreted = maps / "split-0" / "best-loss" / "test" / "interpret-gradients"
+    if case == "no-test-set":
+        assert "no test set" in done.stderr and not test_metrics.exists()
+        return
+    assert test_metrics.is_file() and len(pd.read_csv(test_metrics, sep="\t")) == 1
+    if case in ("regression",):
+        assert list(interpreted.glob("*_mean.nii.gz")), "an image-mode regression is interpreted"
+    else:
+        assert "interpret: skipped" in done.stderr and not interpreted.exists()
