@@ -184,7 +184,9 @@ def build_labels(bids_dir: Path, caps: Caps, settings: Labels, every_class: bool
 
     rows = table[[*KEYS, column, *extra]].sort_values(KEYS).reset_index(drop=True)
     if rows.empty:
-        raise NoDataError(f"{bids_dir}: no image kept for the label '{column}'; see the dropped rows in the log")
+        reasons = sorted({reason for _, _, reason in dropped})
+        raise NoDataError(f"{bids_dir}: no image kept for the label '{column}'; dropped because: "
+                          + " | ".join(reasons[:3]) + (" | ..." if len(reasons) > 3 else ""))
     dropped_table = pd.DataFrame(dropped, columns=[*KEYS, "reason"]).sort_values(KEYS).reset_index(drop=True)
     missing_images = _bids_sessions_without_image(bids_dir, participants, sessions, available)
     if not missing_images.empty:

@@ -185,6 +185,10 @@ def process(job: Job, config: Config) -> Outcome:
         outcome.tensors = extract(caps, job.image, config.extraction, overwrite=config.execution.overwrite)
         if outcome.tensors:
             outcome.status = "done"
+        quality = caps.quality(job.image)
+        if quality and not quality.get("passed", True):
+            outcome.message = (f"registration failed the quality check (r {quality['correlation']:.3f} < "
+                               f"{quality['threshold']:.2f}); kept in the CAPS, left out by the labels stage")
     except AppError as error:
         outcome.status, outcome.message = "failed", error.message
     except OSError as error:
@@ -287,6 +291,8 @@ def _report(outcome: Outcome) -> None:
         log.info("%s: done in %.0f s (%d tensors written)", name, outcome.seconds, outcome.tensors)
     else:
         log.info("%s: already complete", name)
+    if outcome.status != "failed" and outcome.message:
+        log.warning("%s: %s", name, outcome.message)
 
 
 def summarise(outcomes: list[Outcome], skipped: list[str]) -> ExitCode:
@@ -295,6 +301,10 @@ def summarise(outcomes: list[Outcome], skipped: list[str]) -> ExitCode:
     complete = sum(o.status == "complete" for o in outcomes)
     log.info("participant level: %d done, %d already complete, %d failed, %d skipped",
              done, complete, len(failed), len(skipped))
+    qc_failed = [o.job.image.name for o in outcomes if o.status != "failed" and o.message]
+    if qc_failed:
+        log.warning("%d session(s) failed the registration quality check (see reports/ and caps/qc/): %s",
+                    len(qc_failed), ", ".join(qc_failed))
     if failed or skipped:
         lines = [f"  {o.job.image.name}: {o.message}" for o in failed] + [f"  {line}" for line in skipped]
         log.error("%d session(s) did not complete:\n%s", len(lines), "\n".join(lines))

@@ -85,6 +85,7 @@ def test_images_on_the_cropped_template_grid_with_passing_qc(run_two_jobs):
         sidecar = json.loads(caps.sidecar(image).read_text())
         assert sidecar["SkullStripped"] is False and sidecar["SpatialReference"] == "MNI152NLin2009cSym"
         assert sidecar["QualityCheck"]["correlation"] >= 0.3 and sidecar["QualityCheck"]["passed"]
+        assert sidecar["Parameters"]["threads"] == 1, "--n_cpus 1: the ITK thread count is recorded"
         assert caps.transform(image).stat().st_size > 0
     table = pd.read_csv(caps.qc_table, sep="\t")
     assert len(table) == 4 and table["pass"].all()
@@ -187,3 +188,26 @@ def test_existing_clinica_caps_is_used_without_preprocessing(run_two_jobs, sessi
     assert not list(clinica.root.rglob("*.mat")), "no registration may run"
     assert clinica.image_tensor(old_name).exists()
     assert len(list(clinica.tensor_dir(old_name, "patch").glob("*.pt"))) == 36
+
+
+@pytest.mark.slow
+def test_a_registration_that_fails_qc_is_reported_and_left_out_of_labels(tmp_path):
+    """A real registration judged against an impossible threshold: written, but said to have failed, and the
+    labels stage leaves it out unless asked to keep it."""
+    bids = make_bids(tmp_path / "bids", {"sub-01/anat/sub-01_T1w.nii.gz": demo_scan(DEMO_SUBJECTS[3])},
+                     participants="participant_id\tdiagnosis\nsub-01\tAD\n")
+    out = tmp_path / "out"
+    done = run_app(bids, out, "participant", "--skip_bids_validator", "--qc_threshold", "0.99", "--n_cpus", "2")
+    assert done.returncode == 0, done.stderr
+    assert "failed the quality check" in done.stderr and "1 session(s) failed the registration quality check" \
+        in done.stderr
+    caps = Caps(out / "caps")
+    (image,) = caps.index()[0]
+    assert caps.quality(image)["passed"] is False and caps.quality(image)["threshold"] == 0.99
+    dropped = run_app(bids, out, "group", "--stages", "labels", "--column", "diagnosis")
+    assert dropped.returncode == 18 and "no image kept" in dropped.stderr, dropped.stderr
+    assert "quality check (r 0." in dropped.stderr and "--keep_failed_qc" in dropped.stderr
+    kept = run_app(bids, out, "group", "--stages", "labels", "--column", "diagnosis", "--keep_failed_qc",
+                   "--name", "kept")
+    assert kept.returncode == 0, kept.stderr
+    assert list(pd.read_csv(out / "splits" / "kept" / "labels.tsv", sep="\t").participant_id) == ["sub-01"]
