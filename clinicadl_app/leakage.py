@@ -61,6 +61,12 @@ class Overlap:
     def unwaived(self, skip_labels: bool, skip_content: bool) -> list[str]:
         return ([] if skip_labels else self.labels) + ([] if skip_content else self.content)
 
+    def waiver(self, skip_labels: bool, skip_content: bool) -> str:
+        """The option that would waive what is still refused."""
+        labels, content = bool(self.labels) and not skip_labels, bool(self.content) and not skip_content
+        return "--skip_leak_check" if labels and content else "--skip_label_check" if labels \
+            else "--skip_content_check"
+
     def record(self, skip_labels: bool, skip_content: bool) -> dict[str, str]:
         """What the group's maps.json says of each check."""
         def state(found: list[str], waived: bool) -> str:

@@ -128,9 +128,7 @@ def run_predict(config: Config, maps_dir: Path) -> Maps | None:
         log.warning("%s", warning)
     refused = found.unwaived(skip_labels, skip_content)
     if refused:
-        need_labels, need_content = found.labels and not skip_labels, found.content and not skip_content
-        waiver = "--skip_leak_check" if need_labels and need_content else \
-            "--skip_label_check" if need_labels else "--skip_content_check"
+        waiver = found.waiver(skip_labels, skip_content)
         raise LeakageError(f"group '{settings.group_name}' overlaps the data of {maps.root}: " + "; ".join(refused)
                            + ". Predicting on it would report training performance as test performance; "
                            f"remove these images, or pass {waiver} to do it anyway (it is recorded)")
