@@ -111,8 +111,9 @@ def run_training(config: Config, splits_dir: Path, maps_dir: Path) -> Maps:
         transfer.check_compatible(record)
         transfer.check_leakage(caps, config.bids_dir, test, {data.fold: data.validation for data in prepared})
     _write_maps_record(maps, record, config.execution.overwrite)
-    _write_seen(maps, all_train, caps, transfer)
+    own = _write_seen(maps, all_train, caps, transfer)
     for data in prepared:
+        write_tsv(maps.fitted_on(data.fold), _fitted_on(own, data, transfer))
         for group, rows in (("train", data.train), ("validation", data.validation)):
             write_tsv(maps.group_data(group, data.fold), rows)
             write_json(maps.group_record(group, data.fold), {
@@ -253,13 +254,15 @@ def _write_maps_record(maps: Maps, record: dict, overwrite: bool) -> None:
             write_text(maps.environment, environment_text(sys.argv))
 
 
-def _write_seen(maps: Maps, train: pd.DataFrame, caps: Caps, transfer) -> None:
-    """Every session used for training or selection, with content fingerprints, for later leakage checks."""
+def _write_seen(maps: Maps, train: pd.DataFrame, caps: Caps, transfer) -> pd.DataFrame:
+    """Every session used for training or selection, with content fingerprints, for later leakage checks.
+    Returns this MAPS's own rows (KEYS, maps, source_sha256)."""
     from .fingerprint import Signatures, fingerprint_rows
 
     keys = train[KEYS].drop_duplicates()
-    seen = fingerprint_rows(caps, keys)
-    seen.insert(2, "maps", maps.root.name)
+    own = fingerprint_rows(caps, keys)
+    own.insert(2, "maps", maps.root.name)
+    seen = own
     signatures = Signatures.of(caps, keys)
     if transfer is not None:
         seen = pd.concat([seen, transfer.seen.rows], ignore_index=True)
@@ -274,6 +277,17 @@ def _write_seen(maps: Maps, train: pd.DataFrame, caps: Caps, transfer) -> None:
         seen = seen.drop_duplicates(KEYS + ["maps"]).sort_values(KEYS).reset_index(drop=True)
         write_tsv(maps.seen, seen)
         signatures.unique().save(maps.seen_signatures)
+    return own
+
+
+def _fitted_on(own: pd.DataFrame, data: FoldData, transfer) -> pd.DataFrame:
+    """The fold's training sessions and, when its weights start from a transfer source, what the source's
+    model was fitted on: what a later transfer from this fold must keep out of its validation set."""
+    trained = set(map(tuple, data.train[KEYS].values.tolist()))
+    rows = own[[key in trained for key in map(tuple, own[KEYS].values.tolist())]]
+    if transfer is not None:
+        rows = pd.concat([rows, transfer.fitted_for(transfer.source_fold(data.fold)).rows], ignore_index=True)
+    return rows.drop_duplicates(KEYS + ["maps"]).sort_values(KEYS).reset_index(drop=True)
 
 
 def fold_complete(maps: Maps, fold: int, metrics: tuple[str, ...]) -> bool:

@@ -5,6 +5,8 @@ maps/<experiment>/
   groups/train+validation.tsv                 every session any model of this MAPS (or its transfer
                                               source) was trained or selected on, with fingerprints
   groups/<group>/[split-N/]{data.tsv,maps.json}
+  groups/train/split-N/fitted_on.tsv         every session whose data fitted that fold's weights: its training
+                                              sessions and, through transfer, what the source's model was fitted on
   split-N/training_logs/[network-P/]{training.tsv,tensorboard/}
   split-N/tmp/[network-P/]checkpoint.pth.tar  only while training runs or after a crash
   split-N/best-<metric>/model.pth.tar, or network-P_model.pth.tar per network (ClinicaDL 1.6.1's names)
@@ -96,6 +98,10 @@ class Maps:
 
     def group_record(self, group: str, fold: int | None = None) -> Path:
         return self.group_dir(group, fold) / "maps.json"
+
+    def fitted_on(self, fold: int) -> Path:
+        """Sessions that fitted fold `fold`'s weights, transfer sources' included (a subset of `seen`)."""
+        return self.group_dir("train", fold) / "fitted_on.tsv"
 
     def groups(self) -> list[str]:
         base = self.root / "groups"

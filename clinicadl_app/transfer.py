@@ -62,7 +62,7 @@ class Transfer:
         if found:
             problems.append("our test set: " + "; ".join(found.labels + found.content))
         for fold, validation in validations.items():
-            found = overlap(caps, validation, self._trained_for(self.source_fold(fold)), same)
+            found = overlap(caps, validation, self.fitted_for(self.source_fold(fold)), same)
             if found:
                 problems.append(f"the validation set of fold {fold} (its source model, split-{self.source_fold(fold)}, "
                                 "was trained on it): " + "; ".join(found.labels + found.content))
@@ -72,17 +72,18 @@ class Transfer:
                 + " | ".join(problems) + ". Its weights would leak them into this model (biased transfer learning). "
                 "Use a source trained without them (e.g. on the same split, fold by fold), or another split")
 
-    def _trained_for(self, fold: int) -> Seen:
-        """What the source's model for `fold` was trained on: that fold's training sessions, and everything
-        its own transfer sources saw."""
-        own = self.seen.rows.get("maps", pd.Series("", index=self.seen.rows.index)) == self.source.root.name
+    def fitted_for(self, fold: int) -> Seen:
+        """What the source's model for `fold` was fitted on: that fold's training sessions and what its own
+        transfer source's model was fitted on (recorded by the source as groups/train/split-N/fitted_on.tsv)."""
+        recorded = self.source.fitted_on(fold)
+        if recorded.is_file():
+            return self.seen.restrict(_among(self.seen.rows, pd.read_csv(recorded, sep="\t", dtype=str)))
+        # a MAPS from 0.1.0 records only its own training rows by fold: all its sources saw counts as fitted
         data = self.source.group_data("train", fold)
         if not data.is_file():
             return self.seen
-        trained = set(map(tuple, pd.read_csv(data, sep="\t", dtype=str)[KEYS].values.tolist()))
-        in_fold = pd.Series([key in trained for key in map(tuple, self.seen.rows[KEYS].values.tolist())],
-                            index=self.seen.rows.index)
-        return self.seen.restrict(~own | in_fold)
+        own = self.seen.rows.get("maps", pd.Series("", index=self.seen.rows.index)) == self.source.root.name
+        return self.seen.restrict(~own | _among(self.seen.rows, pd.read_csv(data, sep="\t", dtype=str)))
 
     def check_compatible(self, ours: dict) -> None:
         both_classify = ours["task"] == "classification" and self.record.get("task") == "classification"
@@ -106,6 +107,11 @@ class Transfer:
         state = torch.load(path, map_location="cpu", weights_only=True)["model"]
         copied = load_matching(model, state)
         log.info("transfer: %d tensors from %s", copied, path)
+
+
+def _among(rows: pd.DataFrame, wanted: pd.DataFrame) -> pd.Series:
+    keys = set(map(tuple, wanted[KEYS].values.tolist()))
+    return pd.Series([key in keys for key in map(tuple, rows[KEYS].values.tolist())], index=rows.index)
 
 
 def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> int:

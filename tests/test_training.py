@@ -246,6 +246,12 @@ def test_transfer_learning(trivial, tmp_path):
     assert "transfer:" in target.stderr
     seen = pd.read_csv(source_out / "maps" / "from_ae" / "groups" / "train+validation.tsv", sep="\t")
     assert set(seen.maps) == {"from_ae", source_maps.name}
+    # what fold 0's weights were fitted on: both MAPS's training sessions, never fold 0's validation sessions
+    fitted = pd.read_csv(source_out / "maps" / "from_ae" / "groups" / "train" / "split-0" / "fitted_on.tsv", sep="\t")
+    fold0 = source_out / "splits" / "diagnosis_AD_CN" / "split-0"
+    train0, validation0 = (set(pd.read_csv(fold0 / f"{s}.tsv", sep="\t").participant_id) for s in ("train", "validation"))
+    assert set(fitted.maps) == {"from_ae", source_maps.name}
+    assert set(fitted.participant_id) == train0 and not set(seen.participant_id) <= train0
     # CNN -> CNN: every tensor of the classifier carries over; a swapped label code is refused
     common = ("group", "--caps_dir", trivial / "caps", "--config", trivial / "experiment.toml", "--stages", "train",
               "--split", "0", "--epochs", "1", "--transfer_path", source_out / "maps" / "from_ae")
