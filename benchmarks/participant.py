@@ -27,7 +27,7 @@ SHARED = ROOT.parent / "shared" / "data"
 
 def one(scan: Path, threads: int) -> dict:
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
-    from clinicadl_app.preprocessing.t1_linear import run_t1_linear
+    from clinicadl_app.participant.t1_linear import run_t1_linear
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

@@ -28,7 +28,7 @@ ONE_RUN = """
 import sys, time
 import numpy as np
 from pathlib import Path
-from clinicadl_app.preprocessing.t1_linear import run_t1_linear, transform_matrix
+from clinicadl_app.participant.t1_linear import run_t1_linear, transform_matrix
 scan, out = Path(sys.argv[1]), Path(sys.argv[2])
 start = time.perf_counter()
 result = run_t1_linear(scan, out, 0, 0.3)

@@ -18,10 +18,11 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
-from . import __version__
-from .config import Config, build_config, field_types
-from .errors import AppError, ExitCode, MissingInputError, OutputError, UnknownLevelError, UsageError
-from .logs import log_to_console
+from clinicadl_app import __version__
+from clinicadl_app.core.config import Config
+from clinicadl_app.core.config_file import build_config, field_types
+from clinicadl_app.core.errors import AppError, ExitCode, MissingInputError, OutputError, UnknownLevelError, UsageError
+from clinicadl_app.core.logs import log_to_console
 
 LEVELS = ("participant", "group")
 log = logging.getLogger("clinicadl_app")
@@ -155,7 +156,7 @@ def setup_logging(config: Config) -> None:
 def run() -> int:
     """The console entry point (run.py, clinicadl-app): main() in a process set up for training."""
     if "group" in sys.argv[1:]:
-        from .allocator import restart_with_tcmalloc
+        from clinicadl_app.core.allocator import restart_with_tcmalloc
 
         restart_with_tcmalloc()
     return main()
@@ -167,10 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(config)
         prepare_process(config)
         if config.analysis_level == "participant":
-            from .participant import run
+            from clinicadl_app.participant import run
 
             return int(run(config))
-        from .group import run as run_group
+        from clinicadl_app.group import run as run_group
 
         return int(run_group(config))
     except AppError as error:

@@ -25,10 +25,10 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from .atomic import atomic_path, write_json
-from .caps import Caps, CapsImage
-from .errors import AppError, MissingInputError, UsageError
-from .preprocessing.templates import brain_mask, resample_nearest
+from clinicadl_app.core.atomic import atomic_path, write_json
+from clinicadl_app.core.errors import AppError, MissingInputError, UsageError
+from clinicadl_app.images.templates import brain_mask, resample_nearest
+from clinicadl_app.layouts.caps import Caps, CapsImage
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,7 @@ def demo_bids() -> Path:
 
 def subset_caps(root: Path, subjects: list[str]):
     """A CAPS holding only some of the source brains (symbolic links)."""
-    from clinicadl_app.caps import Caps
+    from clinicadl_app.layouts.caps import Caps
 
     (root / "subjects").mkdir(parents=True)
     for subject in subjects:

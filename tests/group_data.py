@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from clinicadl_app.caps import Caps, CapsImage
-from clinicadl_app.preprocessing import templates
+from clinicadl_app.images import templates
+from clinicadl_app.layouts.caps import Caps, CapsImage
 
 from .conftest import DEMO
 

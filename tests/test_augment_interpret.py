@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from clinicadl_app import augment
-from clinicadl_app.config import Train
-from clinicadl_app.interpret import attribute
+from clinicadl_app.core.config import Train
+from clinicadl_app.group import augment
+from clinicadl_app.group.stages.interpret import attribute
 
 
 @pytest.mark.parametrize("names", [("Noise",), ("Erasing",), ("CropPad",), ("Smoothing",), ("Motion", "Ghosting"),
@@ -29,7 +29,7 @@ def test_augmentations_are_seeded_and_keep_shape(names, shape):
 
 def test_unknown_augmentation_is_refused_by_the_configuration():
     with pytest.raises((ValueError, TypeError)):
-        from clinicadl_app.config import coerce
+        from clinicadl_app.core.config_file import coerce
 
         coerce(Train, "data_augmentation", ["Rotate"])
 

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from clinicadl_app.errors import ExitCode
+from clinicadl_app.core.errors import ExitCode
 
 from .conftest import DEMO, DEMO_SUBJECTS, demo_scan, make_bids, run_app
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from clinicadl_app.bids import SESSIONLESS, find_t1w, normalise_labels, read_filters
-from clinicadl_app.caps import Caps
-from clinicadl_app.errors import NoDataError, UsageError
+from clinicadl_app.core.errors import NoDataError, UsageError
+from clinicadl_app.layouts.bids import SESSIONLESS, find_t1w, normalise_labels, read_filters
+from clinicadl_app.layouts.caps import Caps
 
 from .conftest import DEMO_SUBJECTS, demo_scan, make_bids
 

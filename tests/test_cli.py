@@ -8,8 +8,9 @@ import pytest
 
 from clinicadl_app import __version__
 from clinicadl_app.cli import build_parser, main, option_name, parse_args
-from clinicadl_app.config import Config, read_config_file
-from clinicadl_app.errors import ExitCode, UsageError
+from clinicadl_app.core.config import Config
+from clinicadl_app.core.config_file import read_config_file
+from clinicadl_app.core.errors import ExitCode, UsageError
 
 from .conftest import DEMO, ROOT, run_app
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from clinicadl_app.metrics import bootstrap
+from clinicadl_app.group.metrics import bootstrap
 
 
 def _correlated(sessions: int, seed: int = 0):

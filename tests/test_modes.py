@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from clinicadl_app import modes
+from clinicadl_app.images import modes
 
 
 @pytest.fixture

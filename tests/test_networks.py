@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clinicadl_app.networks import ArchitectureError, build_network
-from clinicadl_app.networks.layers import CropMaxUnpool, PadMaxPool
+from clinicadl_app.group.networks import ArchitectureError, build_network
+from clinicadl_app.group.networks.layers import CropMaxUnpool, PadMaxPool
 
 
 def test_conv5_fc3_has_clinicadl_layout_at_full_size():

@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 import torch
 
-from clinicadl_app.caps import Caps, CapsImage
-from clinicadl_app.preprocessing import templates
-from clinicadl_app.validation import validator_command
+from clinicadl_app.images import templates
+from clinicadl_app.layouts.caps import Caps, CapsImage
+from clinicadl_app.participant.bids_validator import validator_command
 
 from .conftest import DEMO_SUBJECTS, ROOT, demo_scan, make_bids, run_app
 

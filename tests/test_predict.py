@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from clinicadl_app.errors import ExitCode
+from clinicadl_app.core.errors import ExitCode
 from clinicadl_app.generate import Trivial, generate_trivial
 
 from .conftest import TRIVIAL_SPLIT, run_app, source_brains, subset_caps

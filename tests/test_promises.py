@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 import torch
 
-from clinicadl_app.caps import Caps
-from clinicadl_app.errors import ExitCode
+from clinicadl_app.core.errors import ExitCode
 from clinicadl_app.generate import Trivial, generate_trivial
-from clinicadl_app.splits import SplitFolder
+from clinicadl_app.layouts.caps import Caps
+from clinicadl_app.layouts.splits import SplitFolder
 
 from .conftest import run_app, source_brains, subset_caps
 

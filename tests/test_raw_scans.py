@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from clinicadl_app.bids import SESSIONLESS
+from clinicadl_app.layouts.bids import SESSIONLESS
 
 from .conftest import RAW2MM, ROOT, make_bids, run_app
 

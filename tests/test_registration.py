@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from clinicadl_app.preprocessing import templates
-from clinicadl_app.preprocessing.t1_linear import run_t1_linear, transform_matrix
+from clinicadl_app.images import templates
+from clinicadl_app.participant.t1_linear import run_t1_linear, transform_matrix
 
 from .conftest import DEMO_SUBJECTS, demo_scan
 

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clinicadl_app.config import Split
-from clinicadl_app.errors import ExitCode, UsageError
-from clinicadl_app.splits import make_split
+from clinicadl_app.core.config import Split
+from clinicadl_app.core.errors import ExitCode, UsageError
+from clinicadl_app.group.splitting import make_split
 
 from .conftest import run_app
 from .group_data import make_longitudinal

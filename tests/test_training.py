@@ -17,9 +17,9 @@ import pandas as pd
 import pytest
 import torch
 
-from clinicadl_app.caps import Caps
-from clinicadl_app.errors import ExitCode
+from clinicadl_app.core.errors import ExitCode
 from clinicadl_app.generate import Trivial, generate_trivial
+from clinicadl_app.layouts.caps import Caps
 
 from .conftest import CAPS2MM, ROOT, TRIVIAL_SPLIT, run_app
 

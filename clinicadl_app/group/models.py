@@ -1,0 +1,83 @@
+"""Networks from a MAPS record: the one place that builds, loads and opens them (train, predict, interpret).
+
+A MAPS records everything needed to rebuild a fold's network (architecture, input size, dropout, task with
+its classes or target scaling); models are loaded with weights_only=True and always returned in eval mode.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from clinicadl_app import __version__
+from clinicadl_app.core.config import Train
+from clinicadl_app.core.errors import InputDataError, MissingInputError, UsageError
+from clinicadl_app.group.networks import ArchitectureError, build_network
+from clinicadl_app.group.tasks import Classification, Reconstruction, Regression, Task
+from clinicadl_app.group.training import Device
+from clinicadl_app.layouts.maps import Maps
+
+
+def build_model(settings: Train, in_shape: tuple[int, ...], task: Task, pretrained: bool = False) -> torch.nn.Module:
+    """A fresh network for `task`; an architecture that does not fit the input is a usage error.
+    `pretrained`: start from [train] pretrained_weights (training only; loading overwrites them anyway)."""
+    try:
+        return build_network(settings.architecture, in_shape, task.output_size or 1, settings.dropout,
+                             autoencoder=task.name == "reconstruction",
+                             pretrained_weights=settings.pretrained_weights if pretrained else None)
+    except ArchitectureError as error:
+        raise UsageError(f"[train] architecture: {error}") from None
+
+
+def open_maps(path: Path) -> tuple[Maps, dict]:
+    maps = Maps(path)
+    if not maps.record.is_file():
+        raise MissingInputError(f"{maps.root}: not a MAPS (no maps.json); check --maps_dir or train first")
+    try:
+        record = json.loads(maps.record.read_text())
+    except json.JSONDecodeError as error:
+        raise UsageError(f"{maps.record}: damaged ({error}); the MAPS cannot be used") from None
+    made_by = str(record.get("clinicadl_app_version", ""))
+    if made_by.split(".")[:2] != __version__.split(".")[:2]:
+        raise UsageError(f"{maps.record}: made by clinicadl-app {made_by or 'unknown'}; this is {__version__}. "
+                         f"Use the container image of version {made_by} to predict with it")
+    if record.get("preprocessing") != "t1-linear":
+        raise UsageError(f"{maps.record}: trained on {record.get('preprocessing')} images; this version "
+                         "predicts on t1-linear images only")
+    return maps, record
+
+
+def task_record(task: Task) -> dict:
+    """What predict needs to rebuild a fold's task (classes, target scaling)."""
+    return {"name": task.name, "loss": task.loss_name, **{k: getattr(task, k) for k in ("classes", "mean", "std")
+                                                           if hasattr(task, k)}}
+
+
+def task_from_record(record: dict) -> Task:
+    if record["name"] == "classification":
+        return Classification(record["classes"], record["loss"])
+    if record["name"] == "regression":
+        return Regression(record["loss"], record["mean"], record["std"])
+    return Reconstruction(record["loss"])
+
+
+def load_selected(maps: Maps, fold: int, metric: str, settings: Train, in_shape: tuple[int, ...], task: Task,
+                  device: Device) -> list[tuple[int | None, torch.nn.Module, dict]]:
+    """The selected model(s) of a fold: [(network, model, saved state)], loaded with weights_only=True."""
+    models = []
+    for network in maps.networks(fold, metric):
+        path = maps.model(fold, metric, network)
+        model = build_model(settings, in_shape, task)
+        try:
+            state = torch.load(path, map_location=device.device, weights_only=True)
+            model.load_state_dict(state["model"])
+        except FileNotFoundError:
+            raise InputDataError(f"{path}: model missing; train this fold again") from None
+        except Exception as error:  # noqa: BLE001 - any unpickling failure means a damaged file
+            raise InputDataError(f"{path}: not a readable model ({type(error).__name__}: {error}); "
+                                 "train this fold again") from None
+        model.eval()  # inference only: dropout off, BatchNorm statistics frozen
+        models.append((network, model.to(device.device), state))
+    return models

@@ -1,0 +1,67 @@
+"""Group level: the named stages (stages/) run in order; each reads what the previous ones wrote to disk.
+
+labels -> split -> train -> predict -> interpret -> report. Stages are imported when asked for, so a run of
+the labels and split stages never loads torch.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from clinicadl_app.core.atomic import write_text
+from clinicadl_app.core.config import STAGES, Config
+from clinicadl_app.core.errors import ExitCode, UsageError
+from clinicadl_app.core.logs import log_to_file
+from clinicadl_app.layouts.output import OutputLayout
+from clinicadl_app.layouts.splits import SplitFolder
+
+log = logging.getLogger("clinicadl_app")
+
+IMPLEMENTED = ("labels", "split", "train", "predict", "interpret", "report")
+
+
+def run(config: Config) -> ExitCode:
+    stages = config.execution.stages
+    missing = [stage for stage in stages if stage not in IMPLEMENTED]
+    if missing:
+        raise UsageError(
+            f"stage(s) {', '.join(missing)} are not implemented yet in this version; "
+            f"run --stages {' '.join(s for s in stages if s in IMPLEMENTED) or 'labels split'}"
+        )
+    layout = OutputLayout(config.output_dir)
+    layout.prepare(config.bids_dir)
+    log_to_file(layout.run_record("group", ".log"))
+    write_text(layout.run_record("group", ".toml"), config.to_toml())
+    folder = SplitFolder(layout.splits_dir / config.labels.folder)
+    if {"train", "predict", "interpret"} & set(stages):
+        import torch
+
+        from clinicadl_app.core.allocator import keep_freed_memory
+
+        keep_freed_memory()
+        torch.set_num_threads(config.execution.cpus)
+    if "labels" in stages:
+        from clinicadl_app.group.stages.labels import run_labels
+
+        run_labels(config, folder)
+    if "split" in stages:
+        from clinicadl_app.group.stages.split import run_split
+
+        run_split(config, folder)
+    if "train" in stages:
+        from clinicadl_app.group.stages.train import run_training
+
+        run_training(config, layout.splits_dir, layout.maps_dir)
+    if "predict" in stages:
+        from clinicadl_app.group.stages.predict import run_predict
+
+        run_predict(config, layout.maps_dir)
+    if "interpret" in stages:
+        from clinicadl_app.group.stages.interpret import run_interpret
+
+        run_interpret(config, layout.maps_dir, asked=tuple(stages) != STAGES)
+    if "report" in stages:
+        from clinicadl_app.group.stages.report import run_report
+
+        run_report(config, layout.maps_dir)
+    return ExitCode.OK

@@ -1,0 +1,229 @@
+"""Subject-level splits, drawn before any training so that nothing later can leak.
+
+A test set, then k folds (or one validation split) of the rest. Every session of a subject falls on the
+same side. Draws are stratified on the subject's baseline class (regression: quantile bins of its mean
+label); classes declared as subgroups of a parent are their own strata, so they are split first and the
+rest of the parent after, and every child test subject is in the one test set that no training sees.
+Age (Welch t-test) and sex (Fisher exact test) are compared between the sets within each class; draws are
+repeated up to a bound and the best one is kept, with a warning when the thresholds were not met.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from clinicadl_app.core.config import Split
+from clinicadl_app.core.errors import UsageError
+from clinicadl_app.layouts.caps import KEYS
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclass
+class Balance:
+    """The smallest p-values over classes (1.0 when a comparison could not be made)."""
+
+    p_age: float = 1.0
+    p_sex: float = 1.0
+
+    def score(self, settings: Split) -> float:
+        """>= 1 when both thresholds are met; otherwise how close the worst comparison came."""
+        ratios = [self.p_age / settings.p_age if settings.p_age else math.inf,
+                  self.p_sex / settings.p_sex if settings.p_sex else math.inf]
+        return min(ratios)
+
+
+@dataclass
+class Draw:
+    name: str
+    attempts: int
+    met: bool
+    balance: list[Balance] = field(default_factory=list)
+
+    def record(self) -> dict[str, object]:
+        return {"attempts": self.attempts, "thresholds_met": self.met,
+                "p_values": [{k: round(v, 6) for k, v in asdict(b).items()} for b in self.balance]}
+
+
+@dataclass
+class SplitResult:
+    test: list[str]
+    folds: list[list[str]]
+    """Validation participants of each fold (one entry when n_splits is 0)."""
+    draws: list[Draw]
+
+
+def subject_table(rows: pd.DataFrame, column: str, task: str, bins: int) -> pd.DataFrame:
+    """One row per participant: stratum (baseline class or label bin), class for balance tests, age, sex."""
+    ordered = rows.sort_values(KEYS)
+    first = ordered.groupby("participant_id", sort=True).first()
+    subjects = pd.DataFrame(index=first.index)
+    if task == "classification":
+        subjects["stratum"] = first[column].astype(str)
+        subjects["cls"] = subjects["stratum"]
+    else:
+        mean = ordered.groupby("participant_id", sort=True)[column].mean()
+        n_bins = max(1, min(bins, len(mean) // 2))
+        ranks = mean.rank(method="first")
+        subjects["stratum"] = pd.qcut(ranks, n_bins, labels=False).astype(str) if n_bins > 1 else "all"
+        subjects["cls"] = "all"
+    subjects["age"] = pd.to_numeric(first["age"], errors="coerce") if "age" in first else np.nan
+    subjects["sex"] = first.get("sex")
+    return subjects
+
+
+def _quota(sizes: pd.Series, amount: float) -> pd.Series:
+    """Subjects to draw from each stratum: the total (a fraction or a count) shared out proportionally, so that
+    rounding in each small stratum does not add up to a much larger or smaller set than asked."""
+    total = int(round(amount * sizes.sum())) if amount < 1 else int(round(amount))
+    if total >= sizes.sum():
+        raise UsageError(f"[split] asks for {total} subjects but only {int(sizes.sum())} are available")
+    exact = sizes / sizes.sum() * total
+    quota = np.floor(exact).astype(int)
+    remainder = (exact - quota).sort_values(ascending=False, kind="stable")
+    for stratum in remainder.index[: total - int(quota.sum())]:
+        quota[stratum] += 1
+    return quota
+
+
+def _compare(subjects: pd.DataFrame, held: np.ndarray) -> Balance:
+    balance = Balance()
+    for _, group in subjects.groupby("cls", sort=True):
+        inside = held[subjects.index.get_indexer(group.index)]
+        ages_in, ages_out = group.age[inside].dropna(), group.age[~inside].dropna()
+        if len(ages_in) >= 2 and len(ages_out) >= 2 and (ages_in.std() > 0 or ages_out.std() > 0):
+            p = float(stats.ttest_ind(ages_in, ages_out, equal_var=False).pvalue)
+            balance.p_age = min(balance.p_age, p if not math.isnan(p) else 1.0)
+        sexes = group.sex.dropna()
+        levels = sorted(sexes.unique())
+        if len(levels) == 2 and inside.any() and (~inside).any():
+            held_sex = sexes[inside[group.index.get_indexer(sexes.index)]]
+            rest_sex = sexes[~inside[group.index.get_indexer(sexes.index)]]
+            table = [[int((held_sex == lv).sum()) for lv in levels], [int((rest_sex == lv).sum()) for lv in levels]]
+            if min(map(sum, table)) > 0:
+                balance.p_sex = min(balance.p_sex, float(stats.fisher_exact(table).pvalue))
+    return balance
+
+
+def _best_draw(draw: Callable[[], np.ndarray], balances: Callable[[np.ndarray], list[Balance]],
+               settings: Split, name: str) -> tuple[np.ndarray, Draw]:
+    """Draw until the balance thresholds are met or the attempt budget is spent; keep the best draw."""
+    best, best_balances, best_score = None, [], -math.inf
+    for attempt in range(1, settings.max_attempts + 1):
+        candidate = draw()
+        candidate_balances = balances(candidate)
+        score = min(b.score(settings) for b in candidate_balances)
+        if score > best_score:
+            best, best_balances, best_score = candidate, candidate_balances, score
+        if score >= 1:
+            return best, Draw(name, attempt, True, best_balances)
+    assert best is not None
+    return best, Draw(name, settings.max_attempts, False, best_balances)
+
+
+def _hold_out(subjects: pd.DataFrame, amount: float, settings: Split, rng: np.random.Generator,
+              name: str) -> tuple[np.ndarray, Draw]:
+    """A stratified draw of `amount` subjects (a boolean mask)."""
+    sizes = subjects.groupby("stratum", sort=True).size()
+    quota = _quota(sizes, amount)
+    positions = {s: np.flatnonzero(subjects.stratum.values == s) for s in sizes.index}
+
+    def draw() -> np.ndarray:
+        held = np.zeros(len(subjects), dtype=bool)
+        for stratum, count in quota.items():
+            held[rng.choice(positions[stratum], size=int(count), replace=False)] = True
+        return held
+
+    return _best_draw(draw, lambda held: [_compare(subjects, held)], settings, name)
+
+
+def _folds(subjects: pd.DataFrame, k: int, settings: Split, rng: np.random.Generator,
+           classification: bool) -> tuple[np.ndarray, Draw]:
+    """A fold number per subject; each stratum is dealt round-robin so fold sizes stay even."""
+    sizes = subjects.groupby("stratum", sort=True).size()
+    small = sizes[sizes < k]
+    if classification and not small.empty:
+        listing = ", ".join(f"{s} ({n})" for s, n in small.items())
+        raise UsageError(
+            f"too few training subjects for {k} folds in class {listing}: each class needs at least {k}; "
+            "lower [split] n_splits, lower n_test or add subjects"
+        )
+
+    def draw() -> np.ndarray:
+        fold = np.empty(len(subjects), dtype=int)
+        start = 0
+        for stratum in sizes.index:
+            members = rng.permutation(np.flatnonzero(subjects.stratum.values == stratum))
+            fold[members] = (np.arange(len(members)) + start) % k
+            start = (start + len(members)) % k
+        return fold
+
+    return _best_draw(draw, lambda fold: [_compare(subjects, fold == i) for i in range(k)], settings, "folds")
+
+
+def make_split(rows: pd.DataFrame, column: str, task: str, settings: Split) -> SplitResult:
+    subjects = subject_table(rows, column, task, settings.bins)
+    rng = np.random.default_rng(settings.seed)
+    draws = []
+    if settings.n_test > 0:
+        held, draw = _hold_out(subjects, settings.n_test, settings, rng, "test")
+        draws.append(draw)
+    else:
+        held = np.zeros(len(subjects), dtype=bool)
+    test = sorted(subjects.index[held])
+    rest = subjects[~held]
+    if len(rest) < 2:
+        raise UsageError(f"only {len(rest)} subject(s) left after the test set; lower [split] n_test")
+    if settings.n_splits >= 2:
+        fold, draw = _folds(rest, settings.n_splits, settings, rng, task == "classification")
+        folds = [sorted(rest.index[fold == i]) for i in range(settings.n_splits)]
+    else:
+        held_validation, draw = _hold_out(rest, settings.n_validation, settings, rng, "validation")
+        folds = [sorted(rest.index[held_validation])]
+    draws.append(draw)
+    for each in draws:
+        if not each.met:
+            log.warning(
+                "%s: no draw in %d met p_age >= %.2f and p_sex >= %.2f; keeping the best one found (%s)",
+                each.name, each.attempts, settings.p_age, settings.p_sex,
+                ", ".join(f"p_age {b.p_age:.3f}, p_sex {b.p_sex:.3f}" for b in each.balance),
+            )
+    return SplitResult(test, folds, draws)
+
+
+def select(rows: pd.DataFrame, participants: list[str]) -> pd.DataFrame:
+    return rows[rows.participant_id.isin(participants)].sort_values(KEYS).reset_index(drop=True)
+
+
+def baseline(rows: pd.DataFrame) -> pd.DataFrame:
+    """Each participant's first session."""
+    return rows.sort_values(KEYS).groupby("participant_id", sort=True).head(1).reset_index(drop=True)
+
+
+def population(sets: dict[str, pd.DataFrame], column: str, task: str) -> pd.DataFrame:
+    """Counts, age and sex per set (and class), for the population report."""
+    records = []
+    for name, rows in sets.items():
+        groups = rows.groupby(column, sort=True) if task == "classification" else [("all", rows)]
+        for label, group in groups:
+            first = baseline(group)
+            record = {"set": name, "label": label, "participants": first.participant_id.nunique(),
+                      "sessions": len(group)}
+            if "age" in group:
+                record.update(age_mean=round(float(first.age.mean()), 2), age_sd=round(float(first.age.std()), 2))
+            if "sex" in group:
+                counts = first.sex.value_counts()
+                record.update(female=int(counts.get("F", 0)), male=int(counts.get("M", 0)))
+            if task == "regression":
+                record.update(label_mean=round(float(group[column].mean()), 3),
+                              label_sd=round(float(group[column].std()), 3))
+            records.append(record)
+    return pd.DataFrame(records)

@@ -1,0 +1,1 @@
+"""One module per group-level stage; each reads what earlier stages wrote to disk, never their code."""

@@ -1,0 +1,111 @@
+"""The split stage: a subject-level test set and folds, drawn once and sealed before any training.
+
+Drawing again with other settings or labels is refused unless --overwrite; a MAPS trained on the old draw
+is then refused by its membership hash (train and predict).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pandas as pd
+
+from clinicadl_app import __version__
+from clinicadl_app.core.atomic import write_json, write_tsv
+from clinicadl_app.core.config import Config
+from clinicadl_app.core.errors import UsageError
+from clinicadl_app.group.label_table import parse_subgroups
+from clinicadl_app.group.splitting import baseline, make_split, population, select
+from clinicadl_app.layouts.caps import KEYS
+from clinicadl_app.layouts.splits import SplitFolder
+
+log = logging.getLogger("clinicadl_app")
+
+
+def run_split(config: Config, folder: SplitFolder) -> None:
+    labels = config.labels
+    if not folder.labels.is_file():
+        raise UsageError(f"{folder.labels}: no labels yet; run the labels stage first (--stages labels split)")
+    rows = folder.read(folder.labels, labels.column, labels.task)
+    settings = config.split
+    record = {
+        "labels": {"column": labels.column, "task": labels.task, "values": list(labels.values),
+                   "subgroups": {k: v for k, v in parse_subgroups(labels.subgroups).items()}},
+        "split": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.__dict__.items()},
+        "labels_sha256": _sha(folder.labels),
+        "generated_by": {"name": "clinicadl-app", "version": __version__},
+    }
+    if folder.record.is_file():
+        previous = json.loads(folder.record.read_text())
+        same = {k: previous.get(k) for k in ("labels", "split", "labels_sha256")} == {
+            k: record[k] for k in ("labels", "split", "labels_sha256")}
+        if not same and not config.execution.overwrite:
+            raise UsageError(
+                f"{folder.record}: this split already exists with other settings or labels; a new draw could put "
+                "subjects seen in training into the test set. Use another [labels] name, or --overwrite if no "
+                "model was trained on the old split"
+            )
+    result = make_split(rows, labels.column, labels.task, settings)
+    test = select(rows, result.test)
+    train = rows[~rows.participant_id.isin(result.test)].reset_index(drop=True)
+    sets = {"test": test, "train": train}
+    files = {folder.set_file("test"): test, folder.set_file("train"): train}
+    for i, validation_ids in enumerate(result.folds):
+        validation = select(train, validation_ids)
+        fold_train = train[~train.participant_id.isin(validation_ids)].reset_index(drop=True)
+        files[folder.set_file("train", i)] = fold_train
+        files[folder.set_file("validation", i)] = validation
+        sets[f"split-{i}/train"], sets[f"split-{i}/validation"] = fold_train, validation
+    if settings.baseline_sets:
+        for path, table in list(files.items()):
+            files[path.with_name(path.stem + "_baseline.tsv")] = baseline(table)
+    for path, table in files.items():
+        write_tsv(path, table[[c for c in rows.columns if c in table.columns]].sort_values(KEYS))
+    for fold in folder.folds():
+        if fold >= len(result.folds):  # a redrawn split with fewer folds: no empty split-N may remain
+            shutil.rmtree(folder.set_file("train", fold).parent)
+    report = population(sets, labels.column, labels.task)
+    write_tsv(folder.population_table, report)
+    _population_figure(report, folder)
+    record["membership_sha256"] = folder.membership_sha256()
+    record["draws"] = {draw.name: draw.record() for draw in result.draws}
+    record["counts"] = {name: {"participants": int(t.participant_id.nunique()), "sessions": len(t)}
+                        for name, t in sets.items()}
+    write_json(folder.record, record)
+    log.info("split: %d test and %d training participants, %d fold(s); files in %s",
+             test.participant_id.nunique(), train.participant_id.nunique(), len(result.folds), folder.root)
+
+
+def _sha(path) -> str:
+    from clinicadl_app.core.provenance import sha256
+
+    return sha256(path)
+
+
+def _population_figure(report: pd.DataFrame, folder: SplitFolder) -> None:
+    from clinicadl_app.core.figures import pyplot, save_png
+
+    plt = pyplot()
+    sets = list(dict.fromkeys(report["set"]))
+    labels = list(dict.fromkeys(report["label"]))
+    fig, axes = plt.subplots(1, 2 if "age_mean" in report else 1, figsize=(11, 4), squeeze=False)
+    bottom = [0] * len(sets)
+    for label in labels:
+        counts = [int(report[(report["set"] == s) & (report["label"] == label)].participants.sum()) for s in sets]
+        axes[0, 0].bar(sets, counts, bottom=bottom, label=str(label))
+        bottom = [b + c for b, c in zip(bottom, counts, strict=True)]
+    axes[0, 0].set_ylabel("participants")
+    axes[0, 0].legend(fontsize=8)
+    axes[0, 0].tick_params(axis="x", rotation=45, labelsize=7)
+    if "age_mean" in report:
+        for i, label in enumerate(labels):
+            part = report[report["label"] == label]
+            axes[0, 1].errorbar([sets.index(s) + i * 0.1 for s in part["set"]], part.age_mean, yerr=part.age_sd,
+                                fmt="o", label=str(label), capsize=3)
+        axes[0, 1].set_xticks(range(len(sets)), sets, rotation=45, fontsize=7)
+        axes[0, 1].set_ylabel("age (mean ± sd)")
+    fig.suptitle(f"population of the split in {folder.root.name}")
+    fig.tight_layout()
+    save_png(fig, folder.population_figure, dpi=90)

@@ -1,0 +1,365 @@
+"""The training loop of one network on one fold: evaluation, model selection, early stopping, checkpoints.
+
+Fast on the CPU: channels-last memory layout, optional bfloat16 autocast, batched evaluation, no
+re-evaluation of the training set unless asked (ClinicaDL spends ~40 % of its epoch on it). BatchNorm
+statistics are recomputed on training images (in train mode, current weights) before each evaluation:
+with few batches per epoch, the running averages lag far behind the weights, and eval-mode outputs stay
+constant for several epochs although the network already separates the classes.
+
+State is saved atomically after every epoch; a killed run resumes at the next epoch, and with
+--deterministic on the CPU ends with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from clinicadl_app.core.atomic import save_torch, write_tsv
+from clinicadl_app.core.config import Train
+from clinicadl_app.group.data import PartDataset
+from clinicadl_app.group.metrics import better
+from clinicadl_app.group.tasks import PART, Reconstruction, Task
+from clinicadl_app.layouts.caps import KEYS
+from clinicadl_app.layouts.maps import Maps
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Device:
+    device: torch.device
+    amp_dtype: torch.dtype | None
+
+    @classmethod
+    def choose(cls, settings: Train) -> Device:
+        if settings.gpu and torch.cuda.is_available():
+            dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if settings.amp else None
+            return cls(torch.device("cuda"), dtype)
+        return cls(torch.device("cpu"), torch.bfloat16 if settings.amp else None)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def memory_format(spatial_dims: int) -> torch.memory_format:
+    return torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
+
+
+def make_optimizer(model: nn.Module, settings: Train) -> torch.optim.Optimizer:
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    if settings.optimizer == "SGD":
+        return torch.optim.SGD(parameters, lr=settings.learning_rate, momentum=0.9,
+                               weight_decay=settings.weight_decay)
+    kind = torch.optim.AdamW if settings.optimizer == "AdamW" else torch.optim.Adam
+    return kind(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+
+
+def loader(dataset, batch_size: int, settings: Train, device: Device, epoch: int | None = None) -> DataLoader:
+    """Shuffled with a generator seeded by (seed, epoch) when `epoch` is given, so order survives a resume."""
+    generator = None
+    if epoch is not None:
+        generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + epoch)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=epoch is not None, generator=generator,
+                      num_workers=settings.num_workers, pin_memory=device.device.type == "cuda",
+                      persistent_workers=False)
+
+
+@dataclass
+class Evaluation:
+    parts: pd.DataFrame
+    images: pd.DataFrame
+    loss: float
+    metrics: dict[str, float]
+
+
+@dataclass
+class Evaluator:
+    task: Task
+    mode: str
+    device: Device
+    batch_size: int
+    settings: Train
+    records: pd.DataFrame
+    """participant_id, session_id of each image of the datasets evaluated."""
+    part_weights: dict[int, float] | None = None
+
+    def outputs(self, model: nn.Module, dataset) -> tuple[pd.DataFrame, float]:
+        """Part-level prediction table and mean loss, in eval mode, batched, without gradients."""
+        model.eval()
+        criterion = self.task.loss()
+        criterion.to(self.device.device)
+        columns: dict[str, list] = {"image": [], "part": []}
+        extra: dict[str, list] = {}
+        total, count = 0.0, 0
+        fmt = memory_format(len(model_in_shape(model)) - 1)
+        with torch.no_grad():
+            for batch in loader(dataset, self.batch_size, self.settings, self.device):
+                inputs = batch["input"].to(self.device.device, non_blocking=True).contiguous(memory_format=fmt)
+                with self.device.autocast():
+                    out = model(inputs)
+                target = inputs if isinstance(self.task, Reconstruction) else batch["target"].to(self.device.device)
+                loss = criterion(out.float(), target.float() if isinstance(self.task, Reconstruction) else target)
+                total += float(loss) * len(inputs)
+                count += len(inputs)
+                rows = self.task.rows(out.float().cpu(), target.cpu())
+                for key, value in rows.items():
+                    extra.setdefault(key, []).extend(np.asarray(value).tolist())
+                columns["image"].extend(batch["image"].tolist())
+                columns["part"].extend(batch["part"].tolist())
+        table = self.records.iloc[columns["image"]][KEYS].reset_index(drop=True)
+        part_column = PART[self.mode]
+        if part_column:
+            table[part_column] = columns["part"]
+        for key, value in extra.items():
+            table[key] = value
+        sort = KEYS + ([part_column] if part_column else [])
+        return table.sort_values(sort).reset_index(drop=True), total / max(count, 1)
+
+    def evaluate(self, model: nn.Module, dataset, weights_from_self: bool = True) -> Evaluation:
+        parts, loss = self.outputs(model, dataset)
+        return self.summarise(parts, loss, weights_from_self)
+
+    def summarise(self, parts: pd.DataFrame, loss: float, weights_from_self: bool = True) -> Evaluation:
+        part_column = PART[self.mode]
+        if part_column:
+            weights = self.part_weights
+            if weights is None or weights_from_self:
+                weights = self.task.part_weights(parts, part_column, self.settings.selection_threshold)
+            images = self.task.ensemble(parts, part_column, weights)
+        else:
+            images = parts
+        metrics = {"loss": loss, **self.task.metrics(images)}
+        return Evaluation(parts, images, loss, metrics)
+
+
+def model_in_shape(model: nn.Module) -> tuple[int, ...]:
+    return tuple(model.in_shape)
+
+
+@torch.no_grad()
+def recompute_batchnorm(model: nn.Module, dataset, n_images: int, settings: Train, device: Device) -> None:
+    """Replace BatchNorm running statistics by their exact average over training inputs, with current weights."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or n_images <= 0:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    chosen = list(range(len(dataset)))
+    if len(chosen) > n_images:
+        generator = torch.Generator().manual_seed(settings.seed)
+        chosen = torch.randperm(len(dataset), generator=generator)[:n_images].tolist()
+    model.train()
+    fmt = memory_format(len(model_in_shape(model)) - 1)
+    for batch in loader(Subset(dataset, chosen), settings.batch_size, settings, device):
+        with device.autocast():
+            model(batch["input"].to(device.device).contiguous(memory_format=fmt))
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    model.eval()
+
+
+@dataclass
+class State:
+    """What a checkpoint holds besides weights and optimiser: enough to continue exactly."""
+
+    epoch: int = 0
+    """Epochs completed."""
+    step: int = 0
+    best: dict[str, float] = field(default_factory=dict)
+    best_epoch: dict[str, int] = field(default_factory=dict)
+    patience_loss: float | None = None
+    stale: int = 0
+    rows: list[dict] = field(default_factory=list)
+    stopped: bool = False
+
+
+class Trainer:
+    """Trains one network (one fold, one part position in multi-network mode) into the MAPS."""
+
+    def __init__(self, *, model: nn.Module, task: Task, settings: Train, maps: Maps, fold: int,
+                 network: int | None, selection: tuple[str, ...], device: Device, evaluator: Evaluator,
+                 train_evaluator: Evaluator | None = None):
+        """`evaluator` reads the validation images' rows, `train_evaluator` the training images' (needed with
+        evaluate_train: the two sets differ in size and order)."""
+        self.model, self.task, self.settings, self.maps = model, task, settings, maps
+        self.fold, self.network, self.selection, self.device = fold, network, selection, device
+        self.evaluator, self.train_evaluator = evaluator, train_evaluator
+        self.model.to(device.device, memory_format=memory_format(len(model_in_shape(model)) - 1))
+        self.optimizer = make_optimizer(self.model, settings)
+        self.scaler = torch.amp.GradScaler("cuda") if device.amp_dtype == torch.float16 else None
+        self.criterion = task.loss().to(device.device)
+        self.state = State()
+
+    # --- checkpoints ---------------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        payload = {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "state": self.state.__dict__, "torch_rng": torch.get_rng_state(),
+            "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
+        }
+        if torch.cuda.is_available():
+            payload["cuda_rng"] = torch.cuda.get_rng_state_all()
+        save_torch(payload, self.maps.checkpoint(self.fold, self.network))
+
+    def resume(self) -> bool:
+        path = self.maps.checkpoint(self.fold, self.network)
+        if not path.exists():
+            return False
+        # our own checkpoint, written by this MAPS: optimiser and RNG states need full unpickling
+        payload = torch.load(path, map_location=self.device.device, weights_only=False)
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.state = State(**payload["state"])
+        torch.set_rng_state(payload["torch_rng"])
+        np.random.set_state(payload["numpy_rng"])
+        random.setstate(payload["python_rng"])
+        if "cuda_rng" in payload and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(payload["cuda_rng"])
+        log.info("split-%d%s: resuming after epoch %d", self.fold, self._network_name, self.state.epoch)
+        return True
+
+    @property
+    def _network_name(self) -> str:
+        return "" if self.network is None else f" network-{self.network}"
+
+    def save_model(self, metric: str) -> None:
+        payload = {"model": self.model.state_dict(), "epoch": self.state.epoch, "step": self.state.step,
+                   "name": self.settings.architecture, "metric": metric, "value": self.state.best[metric]}
+        save_torch(payload, self.maps.model(self.fold, metric, self.network))
+
+    # --- the loop -----------------------------------------------------------------------------------
+    def fit(self, train: PartDataset, validation, train_eval) -> None:
+        settings = self.settings
+        self.resume()
+        writer = self._tensorboard()
+        log_path = self.maps.training_log(self.fold, self.network)
+        if self.state.rows:
+            write_tsv(log_path, pd.DataFrame(self.state.rows))
+        fmt = memory_format(len(model_in_shape(self.model)) - 1)
+        while self.state.epoch < settings.epochs and not self.state.stopped:
+            epoch = self.state.epoch
+            train.epoch = epoch
+            self.model.train()
+            self.optimizer.zero_grad(set_to_none=True)
+            losses, seen, wait, busy = [], 0, 0.0, 0.0
+            batches = loader(train, settings.batch_size, settings, self.device, epoch=epoch)
+            n_batches = len(batches)
+            tick = time.perf_counter()
+            for index, batch in enumerate(batches):
+                ready = time.perf_counter()
+                wait += ready - tick
+                inputs = batch["input"].to(self.device.device, non_blocking=True).contiguous(memory_format=fmt)
+                target = inputs if isinstance(self.task, Reconstruction) else batch["target"].to(self.device.device)
+                with self.device.autocast():
+                    out = self.model(inputs)
+                loss = self.criterion(out.float(), target.float() if isinstance(self.task, Reconstruction)
+                                      else target)
+                scaled = loss / settings.accumulation_steps
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                last = index + 1 == n_batches
+                if (index + 1) % settings.accumulation_steps == 0 or last:
+                    if self.scaler:
+                        self.scaler.step(self.optimizer)
+                        self.scaler.update()
+                    else:
+                        self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.state.step += 1
+                losses.append(float(loss.detach()) * len(inputs))
+                seen += len(inputs)
+                tick = time.perf_counter()
+                busy += tick - ready
+                steps_due = settings.evaluation_steps and self.state.step % settings.evaluation_steps == 0
+                if last or (steps_due and (index + 1) % settings.accumulation_steps == 0):
+                    self._evaluate(validation, train_eval, epoch, sum(losses) / max(seen, 1),
+                                   seen / max(busy + wait, 1e-9), wait / max(busy + wait, 1e-9), writer, log_path)
+                    losses, seen, wait, busy = [], 0, 0.0, 0.0
+                    self.model.train()
+                    tick = time.perf_counter()
+                    if self.state.stopped:
+                        break
+            self.state.epoch = epoch + 1
+            self.save_checkpoint()
+        if writer:
+            writer.close()
+
+    def _evaluate(self, *args) -> None:
+        """Evaluation must not touch the training's random stream (dropout in the BatchNorm pass, loader
+        seeds): evaluating more or less often leaves the training itself unchanged."""
+        devices = list(range(torch.cuda.device_count())) if self.device.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            self._evaluate_now(*args)
+
+    def _evaluate_now(self, validation, train_eval, epoch: int, train_loss: float, speed: float,
+                      wait_share: float, writer, log_path: Path) -> None:
+        settings = self.settings
+        start = time.perf_counter()
+        recompute_batchnorm(self.model, train_eval, settings.batchnorm_recompute, settings, self.device)
+        result = self.evaluator.evaluate(self.model, validation)
+        row: dict[str, object] = {"epoch": epoch, "step": self.state.step, "loss_train": train_loss,
+                                  "images_per_second": round(speed, 3), "data_wait_share": round(wait_share, 4)}
+        if settings.evaluate_train:
+            if self.train_evaluator is None:
+                raise ValueError("evaluate_train needs the training rows' evaluator")
+            on_train = self.train_evaluator.evaluate(self.model, train_eval)
+            row.update({f"{k}_train": v for k, v in on_train.metrics.items()})
+        row.update({f"{k}_validation": v for k, v in result.metrics.items()})
+        row["evaluation_seconds"] = round(time.perf_counter() - start, 2)
+        self.state.rows.append(row)
+        write_tsv(log_path, pd.DataFrame(self.state.rows))
+        if writer:
+            for key, value in row.items():
+                if isinstance(value, float) and math.isfinite(value):
+                    writer.add_scalar(key, value, self.state.step)
+        for metric in self.selection:
+            value = result.metrics.get(metric)
+            if value is not None and better(metric, value, self.state.best.get(metric)):
+                self.state.best[metric] = value
+                self.state.best_epoch[metric] = epoch
+                self.save_model(metric)
+        previous = self.state.patience_loss
+        if previous is None or result.loss < previous - settings.tolerance:
+            self.state.patience_loss = result.loss
+            self.state.stale = 0
+        else:
+            self.state.stale += 1
+            if settings.patience and self.state.stale >= settings.patience:
+                log.info("split-%d%s: early stop at epoch %d (no loss improvement in %d evaluations)",
+                         self.fold, self._network_name, epoch, self.state.stale)
+                self.state.stopped = True
+        log.info("split-%d%s epoch %d step %d: loss %.4f, validation %s (%.2f inputs/s, %.0f%% waiting for data)",
+                 self.fold, self._network_name, epoch, self.state.step, train_loss,
+                 ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if k in self.selection or k == "loss"),
+                 speed, 100 * wait_share)
+
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional at run time
+            return None
+        return SummaryWriter(str(self.maps.tensorboard(self.fold, self.network)))

@@ -1,0 +1,1 @@
+"""What both levels do to preprocessed images: templates, cutting parts (modes), tensors, content signatures."""

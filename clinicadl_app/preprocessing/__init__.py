@@ -1,1 +1,0 @@
-"""Participant-level image processing: t1-linear and its quality check."""
