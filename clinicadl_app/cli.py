@@ -7,6 +7,7 @@ snake_case and kebab-case); `parse_args()` returns a validated Config and does e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import logging
 import os
@@ -14,9 +15,11 @@ import sys
 import tempfile
 import types
 import typing
-from dataclasses import fields
+from dataclasses import Field, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any, Literal, NoReturn
+
+import argparse_dataclass
 
 from clinicadl_app import __version__
 from clinicadl_app.core.config import Config
@@ -51,10 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     for section, cls in Config.SECTIONS.items():
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         group = parser.add_argument_group(f"[{section}]", doc)
-        kinds = field_types(cls)
-        for f in fields(cls):
-            flag = f"{section}_{f.name}" if f.name in shared else f.name
-            _add_option(group, section, f.name, flag, kinds[f.name], f.default, f.metadata)
+        for setting in fields(cls):
+            _add_option(group, section, setting, field_types(cls)[setting.name], shared)
     return parser
 
 
@@ -71,31 +72,47 @@ def _shared_names() -> set[str]:
     return {name for name, count in seen.items() if count > 1}
 
 
-def _add_option(group: Any, section: str, name: str, flag: str, kind: Any, default: Any, meta: Any) -> None:
-    flags = [f"--{flag}"]
-    if "_" in flag:
-        flags.append(f"--{flag.replace('_', '-')}")
-    flags += list(meta.get("flags", ()))
-    kwargs: dict[str, Any] = {"dest": f"{section}.{name}", "default": argparse.SUPPRESS, "help": meta["help"]}
-    if default not in (None, (), False):
-        kwargs["help"] += f" (default: {' '.join(map(str, default)) if isinstance(default, tuple) else default})"
-    kwargs["metavar"] = meta.get("metavar") or flag.upper()
-    base = _strip_optional(kind)
-    if base is bool:
-        kwargs["action"] = argparse.BooleanOptionalAction
-        del kwargs["metavar"]
-    else:
-        if typing.get_origin(base) is tuple:
-            kwargs["nargs"] = "+"
-            base = typing.get_args(base)[0]
-        if typing.get_origin(base) is Literal:
-            choices = typing.get_args(base)
-            kwargs["choices"] = choices
-            kwargs["type"] = type(choices[0])
-            kwargs.pop("metavar", None)
-        else:
-            kwargs["type"] = base
-    group.add_argument(*flags, **kwargs)
+_SEP = "__"  # dest of an option: <section>__<setting>
+
+
+def _add_option(group: Any, section: str, setting: Field, kind: Any, shared: set[str]) -> None:
+    """argparse-dataclass adds the option from a one-field dataclass in the form it reads (resolved type, the
+    section-qualified dest as field name, its metadata keys); booleans are ours, as --name/--no-name pairs,
+    which it cannot make. Absent options never reach the namespace (MISSING, SUPPRESS): the TOML file and
+    the defaults fill them in build_config."""
+    kind = _strip_optional(kind)
+    dest = f"{section}{_SEP}{setting.name}"
+    if kind is bool:
+        group.add_argument(*_flags(section, setting, shared), action=argparse.BooleanOptionalAction, dest=dest,
+                           default=argparse.SUPPRESS, help=_help(setting))
+        return
+    meta: dict[str, Any] = {"args": _flags(section, setting, shared), "help": _help(setting)}
+    literal = typing.get_origin(kind) is Literal
+    if typing.get_origin(kind) is tuple:
+        kind, meta["nargs"] = typing.get_args(kind)[0], "+"
+        literal = typing.get_origin(kind) is Literal
+        if literal:  # argparse-dataclass reads Literal choices only from the field's own type
+            meta["choices"] = typing.get_args(kind)
+            kind = type(meta["choices"][0])
+        meta["type"] = kind
+    if not literal:
+        meta["metavar"] = setting.metadata.get("metavar") or meta["args"][0][2:].upper()
+    one = make_dataclass(f"{section}_{setting.name}", [(dest, kind, field(default=None, metadata=meta))])
+    argparse_dataclass._add_dataclass_options(one, group)
+
+
+def _flags(section: str, setting: Field, shared: set[str]) -> list[str]:
+    """--name, --kebab-name, and the setting's aliases; --section_name where sections share the name."""
+    flag = f"{section}_{setting.name}" if setting.name in shared else setting.name
+    return [f"--{flag}"] + ([f"--{flag.replace('_', '-')}"] if "_" in flag else []) + list(setting.metadata["flags"])
+
+
+def _help(setting: Field) -> str:
+    default = setting.default
+    if default in (None, (), False):
+        return setting.metadata["help"]
+    shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+    return f"{setting.metadata['help']} (default: {shown})"
 
 
 def _strip_optional(kind: Any) -> Any:
@@ -112,8 +129,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         raise UnknownLevelError(f"unknown analysis level '{level}'; use one of: {', '.join(LEVELS)}")
     values: dict[str, dict[str, Any]] = {}
     for dest, value in vars(namespace).items():
-        if "." in dest:
-            section, name = dest.split(".", 1)
+        if _SEP in dest and value is not dataclasses.MISSING:
+            section, name = dest.split(_SEP, 1)
             values.setdefault(section, {})[name] = value
     bids_dir = namespace.bids_dir.expanduser().absolute()
     output_dir = namespace.output_dir.expanduser().absolute()
