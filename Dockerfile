@@ -20,7 +20,7 @@ LABEL org.opencontainers.image.title="clinicadl-app" \
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
-# Debian's Python 3.11 (the torch wheels' ABI), tcmalloc (see clinicadl_app/allocator.py), no recommends
+# Debian's Python 3.11 (the torch wheels' ABI), tcmalloc (see clinicadl_app/core/allocator.py), no recommends
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
       python3=3.11.* python3-venv=3.11.* libtcmalloc-minimal4=2.10-* ca-certificates=2023* \
