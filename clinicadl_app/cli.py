@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         group = parser.add_argument_group(f"[{section}]", doc)
         for setting in fields(cls):
-            _add_option(group, section, setting, field_types(cls)[setting.name], shared)
+            if not setting.metadata.get("toml_only"):
+                _add_option(group, section, setting, field_types(cls)[setting.name], shared)
     return parser
 
 

@@ -17,10 +17,11 @@ import tomli_w
 
 Mode = Literal["image", "patch", "roi", "slice"]
 MODES: tuple[str, ...] = typing.get_args(Mode)
-Stage = Literal["labels", "split", "train", "predict", "interpret", "report"]
+Stage = Literal["labels", "split", "search", "train", "predict", "interpret", "report"]
 Augmentation = Literal["Noise", "Erasing", "CropPad", "Smoothing", "Motion", "Ghosting", "Spike", "BiasField",
                        "Flip"]
-STAGES: tuple[str, ...] = typing.get_args(Stage)
+STAGES: tuple[str, ...] = ("labels", "split", "train", "predict", "interpret", "report")
+"""The default run; search is asked for by name."""
 
 
 def option(default: Any, help: str, *, flags: tuple[str, ...] = (), metavar: str | None = None) -> Any:
@@ -48,7 +49,8 @@ class Execution:
         None, "CAPS to read t1-linear images from and write tensors to (default: OUTPUT_DIR/caps)"
     )
     overwrite: bool = option(False, "redo subjects whose outputs are already complete")
-    stages: tuple[Stage, ...] = option(STAGES, "group level: the stages to run, in this order", metavar="STAGE")
+    stages: tuple[Stage, ...] = option(STAGES, "group level: the stages to run, in this order (search: "
+                                       "see [search])", metavar="STAGE")
     verbose: bool = option(False, "log debugging details")
     quiet: bool = option(False, "log warnings and errors only")
 
@@ -221,6 +223,15 @@ class Train:
                                     metavar="FOLD")
     transfer_path: Path | None = option(None, "a MAPS whose model initialises this one (transfer learning)")
     transfer_selection_metric: str = option("loss", "which best-<metric> model of the source MAPS to use")
+    n_convblocks: int = option(3, "architecture random: convolution blocks, each halving the grid")
+    first_conv_width: int = option(8, "architecture random: channels of the first block, doubled at each block")
+    n_conv: int = option(1, "architecture random: convolutions per block")
+    channels_limit: int = option(128, "architecture random: the most channels a block may have")
+    d_reduction: Literal["MaxPooling", "stride"] = option("MaxPooling", "architecture random: how a block halves "
+                                                          "the grid")
+    network_normalization: Literal["BatchNorm", "InstanceNorm", "GroupNorm"] = option(
+        "BatchNorm", "architecture random: normalisation after each convolution")
+    n_fcblocks: int = option(2, "architecture random: fully connected layers, narrowing geometrically")
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "accumulation_steps"):
@@ -234,6 +245,9 @@ class Train:
             raise ValueError("--multi_network needs a mode with parts (patch, roi or slice)")
         if self.experiment and not self.experiment.replace("-", "").replace("_", "").isalnum():
             raise ValueError("--experiment may contain only letters, digits, '-' and '_'")
+        if min(self.n_convblocks, self.first_conv_width, self.n_conv, self.channels_limit, self.n_fcblocks) < 1:
+            raise ValueError("--n_convblocks, --first_conv_width, --n_conv, --channels_limit and --n_fcblocks "
+                             "must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -280,6 +294,30 @@ class Interpret:
 
 
 @dataclass(frozen=True)
+class Search:
+    """Hyperparameter search (--stages search): a study of trials, each a MAPS trained from a sampled
+    configuration; any other key of the [search] table is the space (e.g. learning_rate = {exponent = [3, 5]})."""
+
+    study: str = option("", "name of the study, OUTPUT_DIR/search/<study> (default: the [labels] folder's)")
+    sampler: Literal["random", "tpe"] = option("random", "random (ClinicaDL's random search) or tpe (Bayesian)")
+    objective: str = option("", "validation metric the search optimises, averaged over the folds trained "
+                            "(default: BA for classification, loss otherwise)")
+    n_trials: int = option(1, "trials this job runs; start the same command many times to run them in parallel")
+    seed: int = option(0, "seed of the sampling: the same seed and space draw the same trials")
+    storage: str = option("", "a database URL (e.g. postgresql://...) for large farms; default: the study's "
+                          "journal file, shared by every job over the file system")
+    pruning: bool = option(False, "stop unpromising trials early (Optuna's median pruner on the objective)")
+    space: dict[str, Any] = field(default_factory=dict, metadata={"help": "the space", "flags": (), "metavar": None,
+                                                                  "toml_only": True})
+
+    def __post_init__(self) -> None:
+        if self.n_trials < 0:
+            raise ValueError("--n_trials must be >= 0")
+        if self.study and not self.study.replace("-", "").replace("_", "").isalnum():
+            raise ValueError("--study may contain only letters, digits, '-' and '_'")
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything one invocation was asked to do."""
 
@@ -294,6 +332,7 @@ class Config:
     train: Train = field(default_factory=Train)
     predict: Predict = field(default_factory=Predict)
     interpret: Interpret = field(default_factory=Interpret)
+    search: Search = field(default_factory=Search)
 
     SECTIONS: ClassVar[dict[str, type]] = {
         "execution": Execution,
@@ -304,6 +343,7 @@ class Config:
         "train": Train,
         "predict": Predict,
         "interpret": Interpret,
+        "search": Search,
     }
 
     @property

@@ -51,6 +51,9 @@ def read_config_file(path: Path) -> dict[str, dict[str, Any]]:
         if table not in known or not isinstance(values, dict):
             raise UsageError(f"{path}: unknown table [{table}]; known tables: {', '.join(known)}")
         names = {f.name for f in fields(known[table])}
+        if table == "search":  # its tables are the space: {name = {sampler = values}}
+            values = {k: v for k, v in values.items() if not isinstance(v, dict)} | {
+                "space": {**values.get("space", {}), **{k: v for k, v in values.items() if isinstance(v, dict)}}}
         for key in values:
             if key not in names:
                 raise UsageError(f"{path}: unknown key '{key}' in [{table}]; known keys: {', '.join(sorted(names))}")
@@ -82,6 +85,10 @@ def _coerce(kind: Any, value: Any, name: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, name)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} must be a table, not {value!r}")
+        return value
     if origin is tuple:
         items = value if isinstance(value, list | tuple) else [value]
         return tuple(_coerce(args[0], item, name) for item in items)

@@ -14,10 +14,16 @@ import torch
 from clinicadl_app import __version__
 from clinicadl_app.core.config import Train
 from clinicadl_app.core.errors import InputDataError, MissingInputError, UsageError
-from clinicadl_app.group.networks import ArchitectureError, build_network
+from clinicadl_app.group.networks import ArchitectureError, RandomSpec, build_network
 from clinicadl_app.group.tasks import Classification, Reconstruction, Regression, Task
 from clinicadl_app.group.training import Device
 from clinicadl_app.layouts.maps import Maps
+
+
+def random_spec(settings: Train) -> RandomSpec | None:
+    if settings.architecture != "random":
+        return None
+    return RandomSpec(**{name: getattr(settings, name) for name in RandomSpec.__dataclass_fields__})
 
 
 def build_model(settings: Train, in_shape: tuple[int, ...], task: Task, pretrained: bool = False) -> torch.nn.Module:
@@ -26,7 +32,8 @@ def build_model(settings: Train, in_shape: tuple[int, ...], task: Task, pretrain
     try:
         return build_network(settings.architecture, in_shape, task.output_size or 1, settings.dropout,
                              autoencoder=task.name == "reconstruction",
-                             pretrained_weights=settings.pretrained_weights if pretrained else None)
+                             pretrained_weights=settings.pretrained_weights if pretrained else None,
+                             random=random_spec(settings))
     except ArchitectureError as error:
         raise UsageError(f"[train] architecture: {error}") from None
 

@@ -1,6 +1,6 @@
 """Group level: the named stages (stages/) run in order; each reads what the previous ones wrote to disk.
 
-labels -> split -> train -> predict -> interpret -> report. Stages are imported when asked for, so a run of
+labels -> split [-> search] -> train -> predict -> interpret -> report. Stages are imported when asked for, so a run of
 the labels and split stages never loads torch.
 """
 
@@ -17,7 +17,7 @@ from clinicadl_app.layouts.splits import SplitFolder
 
 log = logging.getLogger("clinicadl_app")
 
-IMPLEMENTED = ("labels", "split", "train", "predict", "interpret", "report")
+IMPLEMENTED = ("labels", "split", "search", "train", "predict", "interpret", "report")
 
 
 def run(config: Config) -> ExitCode:
@@ -33,7 +33,7 @@ def run(config: Config) -> ExitCode:
     log_to_file(layout.run_record("group", ".log"))
     write_text(layout.run_record("group", ".toml"), config.to_toml())
     folder = SplitFolder(layout.splits_dir / config.labels.folder)
-    if {"train", "predict", "interpret"} & set(stages):
+    if {"search", "train", "predict", "interpret"} & set(stages):
         import torch
 
         from clinicadl_app.core.allocator import keep_freed_memory
@@ -48,6 +48,10 @@ def run(config: Config) -> ExitCode:
         from clinicadl_app.group.stages.split import run_split
 
         run_split(config, folder)
+    if "search" in stages:
+        from clinicadl_app.group.stages.search import run_search
+
+        run_search(config, layout.splits_dir, layout.search_dir)
     if "train" in stages:
         from clinicadl_app.group.stages.train import run_training
 

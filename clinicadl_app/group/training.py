@@ -16,6 +16,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,12 +204,13 @@ class Trainer:
 
     def __init__(self, *, model: nn.Module, task: Task, settings: Train, maps: Maps, fold: int,
                  network: int | None, selection: tuple[str, ...], device: Device, evaluator: Evaluator,
-                 train_evaluator: Evaluator | None = None):
+                 train_evaluator: Evaluator | None = None, report: Callable[[dict], None] | None = None):
         """`evaluator` reads the validation images' rows, `train_evaluator` the training images' (needed with
         evaluate_train: the two sets differ in size and order)."""
         self.model, self.task, self.settings, self.maps = model, task, settings, maps
         self.fold, self.network, self.selection, self.device = fold, network, selection, device
         self.evaluator, self.train_evaluator = evaluator, train_evaluator
+        self.report = report
         self.model.to(device.device, memory_format=memory_format(len(model_in_shape(model)) - 1))
         self.optimizer = make_optimizer(self.model, settings)
         self.scaler = torch.amp.GradScaler("cuda") if device.amp_dtype == torch.float16 else None
@@ -356,6 +358,8 @@ class Trainer:
                  self.fold, self._network_name, epoch, self.state.step, train_loss,
                  ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if k in self.selection or k == "loss"),
                  speed, 100 * wait_share)
+        if self.report:
+            self.report(result.metrics)
 
     def _tensorboard(self):
         try:

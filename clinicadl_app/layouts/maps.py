@@ -1,6 +1,6 @@
 """The MAPS folder (ClinicaDL 1.x layout, defects fixed): every path in it, and nothing else.
 
-maps/<experiment>/
+maps/<experiment>/ (or search/<study>/trial-<number>/, one per search trial)
   maps.json, environment.txt
   groups/train+validation.tsv                 every session any model of this MAPS (or its transfer
                                               source) was trained or selected on, with fingerprints
@@ -36,9 +36,12 @@ class Maps:
 
     @property
     def output_dir(self) -> Path:
-        """The OUTPUT_DIR a MAPS lives in (OUTPUT_DIR/maps/<experiment>): paths inside it are recorded
-        relative to it, so a moved output folder, or one made in a container, still works."""
-        return self.root.parent.parent
+        """The OUTPUT_DIR a MAPS lives in (OUTPUT_DIR/maps/<experiment>, or OUTPUT_DIR/search/<study>/trial-N):
+        paths inside it are recorded relative to it, so a moved output folder, or one made in a container,
+        still works."""
+        from clinicadl_app.layouts.search import SEARCH_DIR
+
+        return self.root.parents[2] if self.root.parent.parent.name == SEARCH_DIR else self.root.parent.parent
 
     def relative(self, path: Path) -> str:
         """How a path is written in this MAPS's records: relative to OUTPUT_DIR when inside it."""

@@ -18,7 +18,7 @@ from clinicadl_app.layouts.caps import CapsImage
 
 BIDS_VERSION = "1.9.0"
 # no trailing slash: bids-validator-deno 3 does not match "dir/" against the folder itself
-_IGNORED = ("caps", "reports", "logs", "splits", "maps", "work")
+_IGNORED = ("caps", "reports", "logs", "splits", "maps", "search", "work")
 
 
 def container() -> dict[str, str] | None:
@@ -52,6 +52,12 @@ class OutputLayout:
     @property
     def splits_dir(self) -> Path:
         return self.root / "splits"
+
+    @property
+    def search_dir(self) -> Path:
+        from clinicadl_app.layouts.search import SEARCH_DIR
+
+        return self.root / SEARCH_DIR
 
     @property
     def logs_dir(self) -> Path:

@@ -55,6 +55,12 @@ class SplitFolder:
         text = json.dumps(self.membership(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
 
+    def recorded_membership_sha256(self) -> str:
+        """The hash the split stage recorded when it sealed the sets (split.json); computed from the files
+        for a split made before it was recorded. Reading it touches no set file: a search never reads test.tsv."""
+        recorded = json.loads(self.record.read_text()).get("membership_sha256")
+        return recorded or self.membership_sha256()
+
     def read(self, path: Path, column: str, task: str) -> pd.DataFrame:
         dtypes = {"participant_id": str, "session_id": str, column: str if task == "classification" else float}
         if column != "sex":

@@ -1,5 +1,7 @@
 """Built-in architectures and how to plug your own.
 
+"random" is ClinicaDL's random-search family, described by the [train] settings n_convblocks,
+first_conv_width, n_conv, channels_limit, d_reduction, network_normalization and n_fcblocks.
 A custom architecture is named "package.module:function" (importable from PYTHONPATH); the function is
 called as function(in_shape, output_size, dropout) and returns an nn.Module mapping a batch of shape
 (N, *in_shape) to (N, output_size). To be usable as an autoencoder or a transfer source it must hold its
@@ -16,6 +18,7 @@ from torch import nn
 
 from .autoencoder import AutoEncoder
 from .cnn import CNN, conv4_fc3, conv5_fc3, output_shape, stride_conv5_fc3
+from .random import RandomSpec, random_cnn
 from .resnet import resnet18
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
@@ -23,6 +26,7 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "Conv4_FC3": conv4_fc3,
     "Stride_Conv5_FC3": stride_conv5_fc3,
     "resnet18": resnet18,
+    "random": random_cnn,
 }
 
 
@@ -31,9 +35,13 @@ class ArchitectureError(ValueError):
 
 
 def build_network(architecture: str, in_shape: tuple[int, ...], output_size: int, dropout: float = 0.5,
-                  autoencoder: bool = False, pretrained_weights: Path | None = None) -> nn.Module:
+                  autoencoder: bool = False, pretrained_weights: Path | None = None,
+                  random: RandomSpec | None = None) -> nn.Module:
+    """`random`: the description of the "random" architecture (ClinicaDL's random-search family)."""
     factory = _factory(architecture)
-    kwargs = {"pretrained_weights": pretrained_weights} if factory is resnet18 else {}
+    kwargs: dict = {"pretrained_weights": pretrained_weights} if factory is resnet18 else {}
+    if factory is random_cnn:
+        kwargs["spec"] = random or RandomSpec()
     try:
         model = factory(tuple(in_shape), output_size, dropout, **kwargs)
         if autoencoder:
@@ -65,4 +73,4 @@ def _factory(architecture: str) -> Callable[..., nn.Module]:
     )
 
 
-__all__ = ["ARCHITECTURES", "ArchitectureError", "AutoEncoder", "CNN", "build_network"]
+__all__ = ["ARCHITECTURES", "ArchitectureError", "AutoEncoder", "CNN", "RandomSpec", "build_network"]

@@ -61,7 +61,7 @@ def group_rows(config: Config, maps: Maps, record: dict, caps: Caps) -> tuple[pd
     labels = section_from(Labels, record["labels"])
     shadow = Config(config.bids_dir, config.output_dir, "group", labels=labels,
                     train=section_from(Train, record["train"]))
-    if group == "test" and config.predict.maps_dir is None:
+    if group == "test":  # the MAPS's own split's test set, wherever the MAPS is
         folder = check_split(maps, record)
         if folder is None:
             raise MissingInputError(f"{maps.resolve(record['split_directory'], 'split folder')}: no split.json; "
@@ -88,7 +88,7 @@ def check_leakage(maps: Maps, record: dict, caps: Caps, rows: pd.DataFrame, conf
     """How this group overlaps what the MAPS was trained or selected on (leakage.py has the rule)."""
     if not maps.seen.is_file():
         raise MissingInputError(f"{maps.seen}: missing; the MAPS does not say what it was trained on")
-    same_dataset = config.predict.group_name == "test" and config.predict.maps_dir is None or any(
+    same_dataset = config.predict.group_name == "test" or any(
         same_place(place, mine) for place in maps.trained_on(record) for mine in (caps.root, config.bids_dir))
     return overlap(caps, rows, Seen.load(maps.seen, maps.seen_signatures), same_dataset,
                    config.predict.near_duplicate)

@@ -8,11 +8,9 @@ metrics per fold with bootstrap 95 % intervals and mean +- sd over folds, ROC cu
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -21,50 +19,16 @@ import pandas as pd
 from clinicadl_app.core.atomic import write_text
 from clinicadl_app.core.config import Config
 from clinicadl_app.core.errors import UsageError
-from clinicadl_app.core.figures import png_data_uri, pyplot
+from clinicadl_app.core.figures import pyplot
+from clinicadl_app.core.html import figure_uri, file_uri, img, page, table
 from clinicadl_app.group.experiment import experiment_name
 from clinicadl_app.layouts.maps import Maps
 from clinicadl_app.layouts.splits import SplitFolder
 
 log = logging.getLogger("clinicadl_app")
 
-_STYLE = """
-body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
-h1{font-size:1.6em} h2{font-size:1.25em;margin-top:2em;border-bottom:2px solid #ccc}
-table{border-collapse:collapse;margin:.6em 0;font-size:.9em} td,th{padding:.25em .7em;border:1px solid #ddd}
-th{background:#f4f4f4;text-align:left} td.n{text-align:right;font-variant-numeric:tabular-nums}
-img{max-width:100%} figure{display:inline-block;margin:.5em;vertical-align:top} figcaption{font-size:.85em;color:#555}
-details{margin:.5em 0} summary{cursor:pointer;font-weight:600} .note{color:#555;font-size:.9em}
-"""
 _KEY_METRICS = {"classification": ["BA", "accuracy", "sensitivity", "specificity", "AUC", "MCC", "F1_score"],
                 "regression": ["MAE", "RMSE", "R2"], "reconstruction": ["MAE", "RMSE", "PSNR", "SSIM"]}
-
-
-def _figure_uri(fig) -> str:
-    return png_data_uri(fig, dpi=80, bbox_inches="tight")
-
-
-def _file_uri(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
-
-
-def _img(uri: str, caption: str) -> str:
-    text = html.escape(caption)
-    return f"<figure><img src='{uri}' alt='{text}'><figcaption>{text}</figcaption></figure>"
-
-
-def _table(frame: pd.DataFrame) -> str:
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
-    body = []
-    for _, row in frame.iterrows():
-        cells = []
-        for value in row:
-            if isinstance(value, float | np.floating):
-                cells.append(f"<td class='n'>{'' if math.isnan(value) else f'{value:.3f}'}</td>")
-            else:
-                cells.append(f"<td>{html.escape(str(value))}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
 def _learning_curves(maps: Maps, task: str) -> str:
@@ -78,20 +42,20 @@ def _learning_curves(maps: Maps, task: str) -> str:
             continue
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4))
         for path in logs:
-            table = pd.read_csv(path, sep="\t")
-            x = table.step  # one row per evaluation; evaluation_steps may add several per epoch
+            frame = pd.read_csv(path, sep="\t")
+            x = frame.step  # one row per evaluation; evaluation_steps may add several per epoch
             tag = "" if path.parent.name == "training_logs" else f" {path.parent.name}"
-            left.plot(x, table.loss_train, "-", label=f"train{tag}")
-            left.plot(x, table.loss_validation, "--", label=f"validation{tag}")
-            if f"{main}_validation" in table:
-                right.plot(x, table[f"{main}_validation"], "-o", ms=3, label=f"validation{tag}")
-            if f"{main}_train" in table:
-                right.plot(x, table[f"{main}_train"], "-", label=f"train{tag}")
+            left.plot(x, frame.loss_train, "-", label=f"train{tag}")
+            left.plot(x, frame.loss_validation, "--", label=f"validation{tag}")
+            if f"{main}_validation" in frame:
+                right.plot(x, frame[f"{main}_validation"], "-o", ms=3, label=f"validation{tag}")
+            if f"{main}_train" in frame:
+                right.plot(x, frame[f"{main}_train"], "-", label=f"train{tag}")
         left.set(xlabel="update step", ylabel="loss", title=f"split-{fold}: loss")
         right.set(xlabel="update step", ylabel=main, title=f"split-{fold}: {main}")
         left.legend(fontsize=7)
         right.legend(fontsize=7)
-        figures.append(_img(_figure_uri(fig), f"learning curves, split-{fold}"))
+        figures.append(img(figure_uri(fig), f"learning curves, split-{fold}"))
     return "".join(figures) or "<p>No training log.</p>"
 
 
@@ -104,14 +68,14 @@ def _metric_tables(maps: Maps, task: str) -> str:
                 path = maps.metrics(fold, metric, group, "image")
                 if not path.is_file():
                     continue
-                table = pd.read_csv(path, sep="\t")
-                if table.empty:
+                frame = pd.read_csv(path, sep="\t")
+                if frame.empty:
                     continue
                 record = {"group": group, "selection": f"best-{metric}", "split": fold}
                 for name in _KEY_METRICS[task]:
-                    if name in table:
-                        value = float(table[name].iloc[0])
-                        low, high = table.get(f"{name}_ci95_low"), table.get(f"{name}_ci95_high")
+                    if name in frame:
+                        value = float(frame[name].iloc[0])
+                        low, high = frame.get(f"{name}_ci95_low"), frame.get(f"{name}_ci95_high")
                         record[name] = (f"{value:.3f}" + (f" [{float(low.iloc[0]):.2f}, {float(high.iloc[0]):.2f}]"
                                                           if low is not None and high is not None else ""))
                         record[f"_{name}"] = value
@@ -128,8 +92,8 @@ def _metric_tables(maps: Maps, task: str) -> str:
                 values = part[f"_{name}"].astype(float)
                 entry[name] = f"{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0:.3f}"
         summary.append(entry)
-    return ("<h3>Mean ± sd over splits</h3>" + _table(pd.DataFrame(summary))
-            + "<h3>Per split (bootstrap 95 % interval, resampling participants)</h3>" + _table(frame[shown]))
+    return ("<h3>Mean ± sd over splits</h3>" + table(pd.DataFrame(summary))
+            + "<h3>Per split (bootstrap 95 % interval, resampling participants)</h3>" + table(frame[shown]))
 
 
 def _outcome_figures(maps: Maps, task: str, classes: list[str] | None) -> str:
@@ -143,40 +107,40 @@ def _outcome_figures(maps: Maps, task: str, classes: list[str] | None) -> str:
                 path = maps.prediction(fold, metric, group, "image")
                 if not path.is_file():
                     continue
-                table = pd.read_csv(path, sep="\t")
-                if task == "classification" and table.true_label.notna().all():
+                frame = pd.read_csv(path, sep="\t")
+                if task == "classification" and frame.true_label.notna().all():
                     k = len(classes or [])
                     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.8))
-                    truth = table.true_label.astype(int)
+                    truth = frame.true_label.astype(int)
                     for c in range(k):
                         if 0 < (truth == c).sum() < len(truth):
-                            fpr, tpr, _ = roc_curve(truth == c, table[f"proba{c}"])
+                            fpr, tpr, _ = roc_curve(truth == c, frame[f"proba{c}"])
                             left.plot(fpr, tpr, label=classes[c])
                         if k == 2:
                             break
                     left.plot([0, 1], [0, 1], ":", color="grey")
                     left.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC")
                     left.legend(fontsize=7)
-                    matrix = confusion_matrix(truth, table.predicted_label.astype(int), labels=list(range(k)))
+                    matrix = confusion_matrix(truth, frame.predicted_label.astype(int), labels=list(range(k)))
                     right.imshow(matrix, cmap="Blues")
                     for (i, j), value in np.ndenumerate(matrix):
                         right.text(j, i, str(value), ha="center", va="center")
                     right.set(xticks=range(k), yticks=range(k), xticklabels=classes, yticklabels=classes,
                               xlabel="predicted", ylabel="true", title="confusion matrix")
-                    figures.append(_img(_figure_uri(fig), f"split-{fold} best-{metric} on {group}"))
-                elif task == "regression" and table.true_label.notna().all():
+                    figures.append(img(figure_uri(fig), f"split-{fold} best-{metric} on {group}"))
+                elif task == "regression" and frame.true_label.notna().all():
                     fig, ax = plt.subplots(figsize=(4.2, 4))
-                    ax.scatter(table.true_label, table.predicted_label, s=12)
-                    low = float(min(table.true_label.min(), table.predicted_label.min()))
-                    high = float(max(table.true_label.max(), table.predicted_label.max()))
+                    ax.scatter(frame.true_label, frame.predicted_label, s=12)
+                    low = float(min(frame.true_label.min(), frame.predicted_label.min()))
+                    high = float(max(frame.true_label.max(), frame.predicted_label.max()))
                     ax.plot([low, high], [low, high], ":", color="grey")
                     ax.set(xlabel="true", ylabel="predicted", title=f"split-{fold} on {group}")
-                    figures.append(_img(_figure_uri(fig), f"split-{fold} best-{metric} on {group}"))
+                    figures.append(img(figure_uri(fig), f"split-{fold} best-{metric} on {group}"))
     return "".join(figures) or "<p>No labelled predictions yet.</p>"
 
 
 def _saliency(maps: Maps) -> str:
-    figures = [_img(_file_uri(path), f"{path.parents[3].name} {path.parents[2].name} {path.parent.name}: {path.stem}")
+    figures = [img(file_uri(path), f"{path.parents[3].name} {path.parents[2].name} {path.parent.name}: {path.stem}")
                for path in sorted(maps.root.glob("split-*/best-*/*/interpret-*/*_mean.png"))]
     return "".join(figures) or "<p>No interpretation yet (stage interpret).</p>"
 
@@ -188,9 +152,9 @@ def write_report(maps: Maps) -> Path:
     folder = SplitFolder(maps.recorded(record["split_directory"]))
     population = ""
     if folder.population_table.is_file():
-        population = _table(pd.read_csv(folder.population_table, sep="\t"))
+        population = table(pd.read_csv(folder.population_table, sep="\t"))
         if folder.population_figure.is_file():
-            population += _img(_file_uri(folder.population_figure), "population of the split")
+            population += img(file_uri(folder.population_figure), "population of the split")
     groups = []
     for group in maps.groups():
         info = maps.group_record(group)
@@ -209,21 +173,19 @@ def write_report(maps: Maps) -> Path:
         f"<h1>{html.escape(record['experiment'])}</h1>",
         "<p class='note'>Everything on this page comes from the MAPS and its split folder; rebuild it with "
         "<code>--stages report</code>.</p>",
-        "<h2>Summary</h2>", _table(pd.DataFrame([summary]).T.reset_index().rename(columns={"index": "", 0: "value"})),
+        "<h2>Summary</h2>", table(pd.DataFrame([summary]).T.reset_index().rename(columns={"index": "", 0: "value"})),
         "<details><summary>Full configuration (maps.json)</summary><pre>"
         + html.escape(json.dumps({k: record[k] for k in ("train", "labels", "extraction_settings") if k in record},
                                  indent=2)) + "</pre></details>",
         "<details><summary>Environment</summary><pre>" + html.escape(environment) + "</pre></details>",
         "<h2>Population</h2>", population or "<p>No population report.</p>",
-        "<h2>Groups</h2>", _table(pd.DataFrame(groups)) if groups else "",
+        "<h2>Groups</h2>", table(pd.DataFrame(groups)) if groups else "",
         "<h2>Learning curves</h2>", _learning_curves(maps, task),
         "<h2>Metrics</h2>", _metric_tables(maps, task),
         "<h2>Predictions</h2>", _outcome_figures(maps, task, record.get("classes")),
         "<h2>Attribution maps</h2>", _saliency(maps),
     ]
-    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(record['experiment'])}"
-            f" - clinicadl-app report</title><style>{_STYLE}</style></head><body>" + "".join(body) + "</body></html>")
-    write_text(maps.report, page)
+    write_text(maps.report, page(record["experiment"], body))
     log.info("report: %s", maps.report)
     return maps.report
 
