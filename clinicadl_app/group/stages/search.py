@@ -18,13 +18,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 
 import optuna
 import pandas as pd
 import tomli_w
 
-from clinicadl_app.core.atomic import write_json, write_text, write_tsv
+from clinicadl_app.core.atomic import lock, write_json, write_text, write_tsv
 from clinicadl_app.core.config import Config, plain
 from clinicadl_app.core.errors import AppError, UsageError
 from clinicadl_app.group.experiment import network_task
@@ -61,9 +62,10 @@ def run_search(config: Config, splits_dir: Path, search_dir: Path) -> SearchFold
 
 def _check_space(search: SearchFolder, config: Config, objective: str) -> None:
     """A study is one space on one base configuration: a job with another is refused, not mixed in."""
-    record = {"objective": objective, "space": config.search.space,
-              "base": {name: plain(getattr(config, name), keep_none=False) for name in ("labels", "split", "train",
-                                                                                       "extraction")}}
+    base = {name: plain(getattr(config, name), keep_none=False) for name in ("labels", "split", "train", "extraction")}
+    for name in ("gpu", "num_workers"):  # how a job runs, not what it trains: jobs may differ
+        base["train"].pop(name)
+    record = {"objective": objective, "space": config.search.space, "base": base}
     text = tomli_w.dumps(record)
     if search.space.is_file():
         if search.space.read_text() != text:
@@ -111,9 +113,12 @@ def _holding(path: Path) -> Iterator[None]:
         os.close(handle)
 
 
-def _alive(path: Path) -> bool:
+def _alive(trial: optuna.trial.FrozenTrial, path: Path) -> bool:
+    """Whether a running trial's job still runs: it holds the lock. A job that has just asked for a trial
+    may not have taken its lock yet, so a trial without a lock file is alive for its first minutes."""
     if not path.exists():
-        return False
+        started = trial.datetime_start
+        return started is None or (datetime.now() - started).total_seconds() < 300
     handle = os.open(path, os.O_RDWR)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -127,7 +132,7 @@ def _alive(path: Path) -> bool:
 def _retry_orphans(study: optuna.Study, search: SearchFolder) -> None:
     """Trials left running by a job that died: failed, and their parameters enqueued again (once each)."""
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if _alive(search.running(trial.number)):
+        if _alive(trial, search.running(trial.number)):
             continue
         try:
             study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
@@ -200,6 +205,12 @@ def _objective(maps: Maps, fold: int, objective: str) -> float:
 
 
 def _write_tables(study: optuna.Study, search: SearchFolder, objective: str) -> None:
+    """Under a lock, so the last job to write has read the study after every job's last result."""
+    with lock(search.trials):
+        _write_tables_now(study, search, objective)
+
+
+def _write_tables_now(study: optuna.Study, search: SearchFolder, objective: str) -> None:
     trials = study.get_trials(deepcopy=False)
     rows = []
     for trial in trials:
