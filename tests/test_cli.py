@@ -48,6 +48,19 @@ def test_saved_config_round_trips(tmp_path):
     assert again == first
 
 
+def test_a_search_space_round_trips_through_the_saved_config(tmp_path):
+    config = tmp_path / "search.toml"
+    config.write_text('[train]\nepochs = 2\n[search]\nsampler = "tpe"\nn_trials = 3\n'
+                      'learning_rate = {exponent = [3, 5]}\narchitecture = {choice = ["Conv5_FC3", "random"]}\n')
+    first = parse_args([str(DEMO), str(tmp_path / "out"), "group", "--config", str(config), "--search_seed", "4"])
+    assert first.search.space == {"learning_rate": {"exponent": [3, 5]},
+                                  "architecture": {"choice": ["Conv5_FC3", "random"]}}
+    assert (first.search.sampler, first.search.n_trials, first.search.seed) == ("tpe", 3, 4)
+    record = tmp_path / "record.toml"
+    record.write_text(first.to_toml())
+    assert parse_args([str(DEMO), str(tmp_path / "out"), "group", "--config", str(record)]) == first
+
+
 @pytest.mark.parametrize(
     ("argv", "code", "fragment"),
     [
@@ -101,10 +114,16 @@ def test_relative_paths_in_config_are_relative_to_the_file(tmp_path):
 def test_every_config_field_has_an_option_and_help():
     parser = build_parser()
     options = {s for action in parser._actions for s in action.option_strings}
+    toml_only = []
     for section, cls in Config.SECTIONS.items():
-        for name in cls.__dataclass_fields__:
+        for name, spec in cls.__dataclass_fields__.items():
             flag = option_name(section, name)
+            if spec.metadata.get("toml_only"):
+                toml_only.append(f"{section}.{name}")
+                assert flag not in options
+                continue
             assert flag in options and flag.replace("_", "-").replace("--", "--", 1) in options
+    assert toml_only == ["search.space"]  # a table of samplers has no command-line form
 
 
 def test_group_level_without_a_label_says_what_to_set(tmp_path):

@@ -97,6 +97,7 @@ def test_two_jobs_share_one_study_and_never_read_the_test_set(data):
         assert record["train"]["architecture"] == "random"
         assert record["train"]["n_convblocks"] == row.param_n_convblocks
         assert record["train"]["learning_rate"] == pytest.approx(row.param_learning_rate)
+        assert record["search"]["trial"] == row.number and "optimistic" in record["search"]["note"]
     folds = trials[["BA_split-0", "BA_split-1"]].astype(float)
     assert (folds.mean(axis=1) - trials["BA_mean"].astype(float)).abs().max() < 1e-9
     best = json.loads((folder / "best.json").read_text())
@@ -168,6 +169,7 @@ def test_the_same_seed_and_space_draw_the_same_trials():
     ("learning_rat = {exponent = [3, 5]}", "learning_rat: no [train] or [extraction] setting"),
     ("n_splits = {choice = [2, 3]}", "n_splits: no [train] or [extraction] setting"),
     ("optimizer = {choice = ['Adam', 'Adagrad']}", "optimizer must be one of"),
+    ("objective = 'AUROC'\ndropout = {uniform = [0.1, 0.5]}", "objective AUROC: not a validation metric"),
 ])
 def test_a_bad_space_is_one_line_naming_the_key(data, tmp_path, entry, expected):
     root, out = data

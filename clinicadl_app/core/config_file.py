@@ -51,9 +51,10 @@ def read_config_file(path: Path) -> dict[str, dict[str, Any]]:
         if table not in known or not isinstance(values, dict):
             raise UsageError(f"{path}: unknown table [{table}]; known tables: {', '.join(known)}")
         names = {f.name for f in fields(known[table])}
-        if table == "search":  # its tables are the space: {name = {sampler = values}}
+        if table == "search":  # its tables are the space, {name = {sampler = values}}; a saved record has space = {...}
+            entries = {k: v for k, v in values.items() if isinstance(v, dict) and k != "space"}
             values = {k: v for k, v in values.items() if not isinstance(v, dict)} | {
-                "space": {**values.get("space", {}), **{k: v for k, v in values.items() if isinstance(v, dict)}}}
+                "space": {**values.get("space", {}), **entries}}
         for key in values:
             if key not in names:
                 raise UsageError(f"{path}: unknown key '{key}' in [{table}]; known keys: {', '.join(sorted(names))}")

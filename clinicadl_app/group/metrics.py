@@ -15,6 +15,17 @@ from sklearn import metrics as skm
 LOWER_IS_BETTER = {"loss", "MAE", "RMSE", "MSE", "LR_minus"}
 
 
+def names(task: str) -> set[str]:
+    """Every validation metric a task reports (the loss included), for checking a setting before training."""
+    if task == "classification":
+        found = classification(np.array([0, 1]), np.array([[0.8, 0.2], [0.3, 0.7]]), ["a", "b"])
+    elif task == "regression":
+        found = regression(np.array([1.0, 2.0]), np.array([1.5, 2.5]))
+    else:
+        found = dict.fromkeys(("MAE", "RMSE", "PSNR", "SSIM"))
+    return {"loss", *found}
+
+
 def better(metric: str, value: float, best: float | None) -> bool:
     if value is None or math.isnan(value):
         return False

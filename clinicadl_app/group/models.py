@@ -1,4 +1,5 @@
-"""Networks from a MAPS record: the one place that builds, loads and opens them (train, predict, interpret).
+"""Networks from a MAPS record: the one place that builds, loads and opens them (train and search through
+fit.py, predict, interpret).
 
 A MAPS records everything needed to rebuild a fold's network (architecture, input size, dropout, task with
 its classes or target scaling); models are loaded with weights_only=True and always returned in eval mode.

@@ -169,6 +169,8 @@ def write_report(maps: Maps) -> Path:
         "epochs": record["train"]["epochs"], "batch size": record["train"]["batch_size"],
         "seed": record["seed"], "clinicadl-app": record["clinicadl_app_version"], "created": record["created"],
     }
+    if "search" in record:  # a trial of a search: chosen on validation data among others
+        summary["search"] = f"trial {record['search']['trial']} of study {record['search']['study']}"
     body = [
         f"<h1>{html.escape(record['experiment'])}</h1>",
         "<p class='note'>Everything on this page comes from the MAPS and its split folder; rebuild it with "

@@ -12,6 +12,7 @@ Optuna's own heartbeat does the same).
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import time
@@ -31,6 +32,7 @@ from clinicadl_app.core.errors import AppError, UsageError
 from clinicadl_app.group.experiment import network_task
 from clinicadl_app.group.fit import train_maps
 from clinicadl_app.group.metrics import LOWER_IS_BETTER
+from clinicadl_app.group.metrics import names as metric_names
 from clinicadl_app.group.search_report import write_search_report
 from clinicadl_app.group.search_space import Dimension, apply, parse_space
 from clinicadl_app.layouts.maps import Maps
@@ -48,7 +50,11 @@ def run_search(config: Config, splits_dir: Path, search_dir: Path) -> SearchFold
     folder = SplitFolder(splits_dir / config.labels.folder)
     if not folder.record.is_file():
         raise UsageError(f"{folder.root}: no split yet; run the labels and split stages first")
-    objective = settings.objective or ("BA" if network_task(config) == "classification" else "loss")
+    task = network_task(config)
+    objective = settings.objective or ("BA" if task == "classification" else "loss")
+    if objective not in metric_names(task):
+        raise UsageError(f"[search] objective {objective}: not a validation metric of {task}; use one of "
+                         + ", ".join(sorted(metric_names(task))))
     search = SearchFolder(search_dir / (settings.study or config.labels.folder))
     search.root.mkdir(parents=True, exist_ok=True)
     _check_space(search, config, objective)
@@ -184,10 +190,23 @@ def _run_trial(study: optuna.Study, search: SearchFolder, config: Config, folder
         trial.set_user_attr("objective_per_fold", {str(k): v for k, v in per_fold.items()})
         trial.set_user_attr("seconds", round(time.monotonic() - start, 1))
         trial.set_user_attr("maps", str(maps.root.relative_to(search.root)))
+        _record_trial(maps, search, trial.number, objective, mean, values)
         study.tell(trial, mean)
         log.info("search: trial %d: validation %s %.4f (mean of %d fold(s))", trial.number, objective, mean,
                  len(per_fold))
     return None
+
+
+def _record_trial(maps: Maps, search: SearchFolder, number: int, objective: str, value: float,
+                  values: dict) -> None:
+    """The trial MAPS says where it comes from: a model chosen from a search is chosen on validation data."""
+    with lock(maps.record):
+        record = json.loads(maps.record.read_text())
+        record["search"] = {"study": search.root.name, "trial": number, "params": values,
+                            f"validation_{objective}": value,
+                            "note": "one trial of a search; if it is selected as the best (best.json), its validation "
+                                    "score is optimistic: its test-set prediction is the honest estimate"}
+        write_json(maps.record, record)
 
 
 def _fail(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
