@@ -1,8 +1,9 @@
 """Search throughput: trials per hour of the search stage, next to training the same MAPS by hand.
 
-    python benchmarks/search.py [--source_caps demo_output/caps] [--downsample 2] [--trials 4]
+    python benchmarks/search.py [--source_caps tests/data/caps2mm] [--downsample 1] [--trials 4]
 
-Builds a trivial dataset from real preprocessed brains (24 subjects, 2 folds), labels and splits it once,
+Builds a trivial dataset from real preprocessed brains (the demo's IXI subjects at 2 mm by default, as the
+tests use them; demo_output/caps with --downsample 2 gives the same grid; 24 subjects, 2 folds), labels and splits it once,
 then times (1) the train stage on the base configuration, the way a user runs one ClinicaDL random-search
 job by hand; (2) one search job running all trials; (3) two search jobs started together on one study,
 sharing the trials. Each trial trains a full MAPS (2 folds, 1 epoch); the overhead of the search is the
@@ -61,8 +62,8 @@ def timed(commands: list[list[str]]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source_caps", type=Path, default=ROOT / "demo_output" / "caps")
-    parser.add_argument("--downsample", type=int, default=2)
+    parser.add_argument("--source_caps", type=Path, default=ROOT / "tests" / "data" / "caps2mm")
+    parser.add_argument("--downsample", type=int, default=1)
     parser.add_argument("--trials", type=int, default=4)
     parser.add_argument("--work", type=Path, default=Path("/tmp/clinicadl-app-search-benchmark"))
     args = parser.parse_args()
