@@ -46,15 +46,15 @@ RETRIED = "retried_from"
 
 def run_search(config: Config, splits_dir: Path, search_dir: Path) -> SearchFolder:
     settings = config.search
-    dimensions = parse_space(settings.space)  # a bad space fails before anything is read or written
-    folder = SplitFolder(splits_dir / config.labels.folder)
-    if not folder.record.is_file():
-        raise UsageError(f"{folder.root}: no split yet; run the labels and split stages first")
+    dimensions = parse_space(settings.space)  # a bad space or objective fails before anything is read
     task = network_task(config)
     objective = settings.objective or ("BA" if task == "classification" else "loss")
     if objective not in metric_names(task):
         raise UsageError(f"[search] objective {objective}: not a validation metric of {task}; use one of "
                          + ", ".join(sorted(metric_names(task))))
+    folder = SplitFolder(splits_dir / config.labels.folder)
+    if not folder.record.is_file():
+        raise UsageError(f"{folder.root}: no split yet; run the labels and split stages first")
     search = SearchFolder(search_dir / (settings.study or config.labels.folder))
     search.root.mkdir(parents=True, exist_ok=True)
     _check_space(search, config, objective)
