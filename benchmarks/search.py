@@ -3,12 +3,12 @@
     python benchmarks/search.py [--source_caps tests/data/caps2mm] [--downsample 1] [--trials 4]
 
 Builds a trivial dataset from real preprocessed brains (the demo's IXI subjects at 2 mm by default, as the
-tests use them; demo_output/caps with --downsample 2 gives the same grid; 24 subjects, 2 folds), labels and splits it once,
-then times (1) the train stage on the base configuration, the way a user runs one ClinicaDL random-search
-job by hand; (2) one search job running all trials; (3) two search jobs started together on one study,
-sharing the trials. Each trial trains a full MAPS (2 folds, 1 epoch); the overhead of the search is the
-difference between (1) per trial and (2). ClinicaDL's random-search is one train per job, so (1) is its
-cost per trial, without the study, the leaderboard or the retries.
+tests use them; demo_output/caps with --downsample 2 gives the same grid; 24 subjects, 2 folds), labels
+and splits it once, then times (1) the train stage on the base configuration, the way a user runs one
+ClinicaDL random-search job by hand; (2) one search job running all trials; (3) two search jobs started
+together on one study, sharing the trials. Each trial trains a full MAPS (2 folds, 1 epoch); the overhead
+of the search is the difference between (1) per trial and (2). ClinicaDL's random-search is one train per
+job, so (1) is its cost per trial, without the study, the leaderboard or the retries.
 """
 
 from __future__ import annotations

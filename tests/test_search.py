@@ -183,14 +183,14 @@ def test_a_bad_space_is_one_line_naming_the_key(data, tmp_path, entry, expected)
 
 def test_tpe_on_a_database_minimising_the_loss_with_pruning(data, tmp_path):
     """Non-default settings together: TPE, a database URL (Optuna's heartbeat), the loss as objective,
-    pruning, and a random architecture with strided convolutions and GroupNorm."""
+    pruning, one fold of two, and a random architecture with strided convolutions and GroupNorm."""
     root, out = data
     database = tmp_path / "study.db"
     (root / "tpe.toml").write_text(
         BASE + 'architecture = "random"\nd_reduction = "stride"\nnetwork_normalization = "GroupNorm"\n'
         + f'[search]\nstudy = "tpe"\nsampler = "tpe"\nobjective = "loss"\npruning = true\nstorage = "sqlite:///{database}"\n'
         + "learning_rate = {exponent = [3, 4]}\nn_fcblocks = {randint = [1, 2]}\n")
-    done = command(root, out, "--stages", "search", "--n_trials", "2", config="tpe.toml")
+    done = command(root, out, "--stages", "search", "--n_trials", "2", "--split", "1", config="tpe.toml")
     assert done.returncode == 0, done.stderr
     folder = out / "search" / "tpe"
     assert database.is_file() and not (folder / "journal.log").exists()
@@ -198,6 +198,7 @@ def test_tpe_on_a_database_minimising_the_loss_with_pruning(data, tmp_path):
     assert study.direction == optuna.study.StudyDirection.MINIMIZE
     trials = trials_of(out, "tpe")
     assert len(trials) == 2 and set(trials.state) <= {"COMPLETE", "PRUNED"}
+    assert "loss_split-1" in trials and "loss_split-0" not in trials  # the objective over the folds trained
     complete = trials[trials.state == "COMPLETE"]
     assert json.loads((folder / "best.json").read_text())["validation_loss"] == complete.loss_mean.astype(float).min()
     for trial in study.trials:
