@@ -5,6 +5,7 @@ is never read, and a bad space is one line. Small real runs at 4 mm, one epoch."
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -205,3 +206,20 @@ def test_tpe_on_a_database_minimising_the_loss_with_pruning(data, tmp_path):
         assert len(trial.intermediate_values) >= 1  # every evaluation is reported to the pruner
     record = json.loads((folder / complete.maps.iloc[0] / "maps.json").read_text())["train"]
     assert (record["d_reduction"], record["network_normalization"]) == ("stride", "GroupNorm")
+
+
+def test_a_study_is_refused_on_a_redrawn_split(data, tmp_path):
+    """The same settings, another draw (labels changed and split again with --overwrite): the study refuses,
+    so it never mixes trials selected on two draws, whose validation subjects may be the other's test set."""
+    root, out = data
+    copy = tmp_path / "out"
+    shutil.copytree(out / "splits", copy / "splits")
+    (copy / "search" / "diagnosis").mkdir(parents=True)
+    shutil.copy(out / "search" / "diagnosis" / "space.toml", copy / "search" / "diagnosis" / "space.toml")
+    record = copy / "splits" / "diagnosis" / "split.json"
+    split = json.loads(record.read_text())
+    split["membership_sha256"] = "0" * 64
+    record.write_text(json.dumps(split))
+    done = command(root, copy, "--stages", "search")
+    assert done.returncode == ExitCode.USAGE and "draw of the split" in done.stderr, done.stderr
+    assert not list((copy / "search" / "diagnosis").glob("trial-*"))

@@ -57,7 +57,7 @@ def run_search(config: Config, splits_dir: Path, search_dir: Path) -> SearchFold
         raise UsageError(f"{folder.root}: no split yet; run the labels and split stages first")
     search = SearchFolder(search_dir / (settings.study or config.labels.folder))
     search.root.mkdir(parents=True, exist_ok=True)
-    _check_space(search, config, objective)
+    _check_space(search, config, objective, folder)
     study = _study(search, config, objective)
     _retry_orphans(study, search)
     for _ in range(settings.n_trials):
@@ -66,17 +66,19 @@ def run_search(config: Config, splits_dir: Path, search_dir: Path) -> SearchFold
     return search
 
 
-def _check_space(search: SearchFolder, config: Config, objective: str) -> None:
-    """A study is one space on one base configuration: a job with another is refused, not mixed in."""
+def _check_space(search: SearchFolder, config: Config, objective: str, folder: SplitFolder) -> None:
+    """A study is one space on one base configuration and one draw of the split: a job with another is
+    refused, not mixed in (trials compared on other validation sets, or a split redrawn with --overwrite)."""
     base = {name: plain(getattr(config, name), keep_none=False) for name in ("labels", "split", "train", "extraction")}
     for name in ("gpu", "num_workers"):  # how a job runs, not what it trains: jobs may differ
         base["train"].pop(name)
-    record = {"objective": objective, "space": config.search.space, "base": base}
+    record = {"objective": objective, "space": config.search.space, "base": base,
+              "split_membership_sha256": folder.recorded_membership_sha256()}
     text = tomli_w.dumps(record)
     if search.space.is_file():
         if search.space.read_text() != text:
-            raise UsageError(f"{search.space}: this search was started with another space or base configuration; "
-                             "give another [search] name, or the same configuration as before")
+            raise UsageError(f"{search.space}: this search was started with another space, base configuration or "
+                             "draw of the split; give another [search] study, or the same configuration and split")
         return
     write_text(search.space, text)
 
