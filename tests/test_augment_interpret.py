@@ -9,7 +9,7 @@ from torch import nn
 
 from clinicadl_app.core.config import Train
 from clinicadl_app.group import augment
-from clinicadl_app.group.stages.interpret import attribute
+from clinicadl_app.group.attribution import attribute
 
 
 @pytest.mark.parametrize("names", [("Noise",), ("Erasing",), ("CropPad",), ("Smoothing",), ("Motion", "Ghosting"),

@@ -67,7 +67,7 @@ def test_saliency_maps_are_nifti_in_mni_space_and_lateralised(full_run):
     reference_image = nib.load(str(reference))
     shares = {}
     for label in ("AD", "CN"):
-        path = maps / "split-0" / "best-loss" / "test" / "interpret-gradients" / f"group-test_label-{label}_desc-gradients_mean.nii.gz"
+        path = maps / "split-0" / "best-loss" / "test" / "interpret-gradients" / f"group-test_label-{label}_mode-image_desc-gradients_mean.nii.gz"
         image = nib.load(str(path))
         assert image.shape == reference_image.shape
         assert np.allclose(image.affine, reference_image.affine) and not np.allclose(image.affine, np.eye(4))
@@ -85,7 +85,7 @@ def test_report_renders_in_chromium(full_run, tmp_path):
     _, maps = full_run
     report = maps / "report.html"
     page = report.read_text()
-    for section in ("Learning curves", "Metrics", "ROC", "Population", "Attribution maps"):
+    for section in ("Learning curves", "Metrics", "ROC", "Population", "Attribution and error maps"):
         assert section in page
     assert page.count("data:image/png;base64,") >= 6 and "src='/" not in page, "self-contained"
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -125,7 +125,7 @@ def test_a_moved_output_folder_still_predicts_interprets_and_reports(trained, da
         done = group(data, moved, stages=("predict", "interpret", "report"))
         assert done.returncode == 0, done.stderr
         assert (moved / "maps" / maps.name / "split-0" / "best-loss" / "test" / "interpret-gradients").is_dir()
-        assert "Attribution maps" in (moved / "maps" / maps.name / "report.html").read_text()
+        assert "Attribution and error maps" in (moved / "maps" / maps.name / "report.html").read_text()
         # an external folder that is gone: one line naming it
         caps = data / "data" / "caps"
         caps.rename(caps.with_name("caps-away"))

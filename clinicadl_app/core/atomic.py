@@ -32,14 +32,16 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 def save_torch(payload: Any, path: Path) -> None:
     """torch.save, atomically; a failed write (full disk, quota) becomes one clear error, not torch's
-    "enforce fail at inline_container.cc", and leaves the previous file in place."""
+    "enforce fail at inline_container.cc", and leaves the previous file in place. Saved through a file object
+    so the archive's inner folder is not named after the temporary file: equal tensors give equal bytes."""
     import torch
 
     from clinicadl_app.core.errors import OutputError
 
     with atomic_path(path) as tmp:
         try:
-            torch.save(payload, tmp)
+            with open(tmp, "wb") as stream:
+                torch.save(payload, stream)
         except (OSError, RuntimeError) as error:
             raise OutputError.cannot_write(path, error) from None
 

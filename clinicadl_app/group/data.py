@@ -35,6 +35,8 @@ class PartSpec:
     mode: str
     ids: tuple[int, ...]
     cut: Callable[[torch.Tensor, int], torch.Tensor]
+    place: Callable[[int, np.ndarray], tuple[tuple[slice, ...], np.ndarray]]
+    """(region of the image, map shaped like it) for a map of one part's voxels: the inverse of `cut`."""
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -42,22 +44,27 @@ class PartSpec:
 
 def part_spec(mode: str, shape: tuple[int, ...], extraction: Extraction, caps: Caps) -> PartSpec:
     """`shape` is the image's spatial shape (X, Y, Z)."""
+    whole = tuple(slice(None) for _ in shape)
     if mode == "image":
-        return PartSpec(mode, (0,), lambda image, _: image)
+        return PartSpec(mode, (0,), lambda image, _: image, lambda _, values: (whole, values))
     if mode == "patch":
         size, stride = extraction.patch_size, extraction.stride_size
         count = int(np.prod(modes.patch_grid(shape, size, stride)))
-        return PartSpec(mode, tuple(range(count)), lambda image, i: modes.patch_at(image, size, stride, i))
+        return PartSpec(mode, tuple(range(count)), lambda image, i: modes.patch_at(image, size, stride, i),
+                        lambda i, values: (modes.patch_region(shape, size, stride, i), values))
     if mode == "slice":
         direction, channels = extraction.slice_direction, extraction.slice_mode
         ids = tuple(modes.slice_indices(shape, direction, extraction.discard))
-        return PartSpec(mode, ids, lambda image, i: modes.slice_of(image, direction, i, channels))
+        return PartSpec(mode, ids, lambda image, i: modes.slice_of(image, direction, i, channels),
+                        lambda i, values: (modes.slice_region(direction, i), np.expand_dims(values, direction)))
     if mode == "roi":
         caps.install_builtin_masks()  # only adds masks the CAPS lacks
         cropped = not extraction.use_uncropped_image
         masks = [load_mask(caps, roi, cropped) for roi in extraction.roi_list]
+        boxes = [modes.bounding_box(mask) for mask in masks]
         uncrop = extraction.roi_uncrop_output
-        return PartSpec(mode, tuple(range(len(masks))), lambda image, i: modes.roi_of(image, masks[i], uncrop))
+        return PartSpec(mode, tuple(range(len(masks))), lambda image, i: modes.roi_of(image, masks[i], uncrop),
+                        lambda i, values: (boxes[i], values[boxes[i]] if uncrop else values))
     raise ValueError(f"unknown mode {mode}")
 
 

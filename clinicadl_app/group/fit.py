@@ -116,6 +116,11 @@ def prepare_fold(config: Config, caps: Caps, folder: SplitFolder, fold: int, rea
     if validation_store.validate()[1:] != shape:
         raise UsageError(f"{folder.root}: validation images differ in shape from training images")
     spec = part_spec(settings.mode, shape, extraction, caps)
+    shapes = sorted({tuple(spec.cut(train_store.image(0), part).shape[1:]) for part in spec.ids})
+    if len(shapes) > 1:  # ROIs cropped to boxes of different sizes; every network takes one input shape
+        raise UsageError(f"[extraction] roi_list {', '.join(extraction.roi_list)}: the ROI boxes differ in shape "
+                         f"({', '.join('x'.join(map(str, s)) for s in shapes)}); pass --roi_uncrop_output (each ROI "
+                         "masked in the whole image) or use masks whose boxes have one size")
     targets = lambda rows: [task.target(v) for v in rows[column]] if task_name != "reconstruction" \
         else [task.target(None)] * len(rows)  # noqa: E731
     transform = augment.build(settings.data_augmentation)

@@ -98,9 +98,9 @@ def overlap(caps: Caps, rows: pd.DataFrame, seen: Seen, same_dataset: bool,
     if seen.signatures is not None and len(seen.signatures.keys) and len(keys):
         try:
             matches = Signatures.of(caps, keys).matches(seen.signatures, threshold)
-        except ValueError:
+        except ValueError as error:
             comparable = False
-            log.warning("%s: images on another grid than the seen images: signatures not compared", caps.root)
+            log.warning("%s: %s: signatures not compared", caps.root, error)
         else:
             if len(matches):
                 matched |= set(matches.participant_id)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 from clinicadl_app.core.atomic import write_text
-from clinicadl_app.core.config import STAGES, Config
+from clinicadl_app.core.config import Config
 from clinicadl_app.core.errors import ExitCode, UsageError
 from clinicadl_app.core.logs import log_to_file
 from clinicadl_app.layouts.output import OutputLayout
@@ -63,7 +63,7 @@ def run(config: Config) -> ExitCode:
     if "interpret" in stages:
         from clinicadl_app.group.stages.interpret import run_interpret
 
-        run_interpret(config, layout.maps_dir, asked=tuple(stages) != STAGES)
+        run_interpret(config, layout.maps_dir)
     if "report" in stages:
         from clinicadl_app.group.stages.report import run_report
 

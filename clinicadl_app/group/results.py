@@ -13,6 +13,8 @@ import pandas as pd
 
 from clinicadl_app import __version__
 from clinicadl_app.core.atomic import write_text, write_tsv
+from clinicadl_app.core.config import Train
+from clinicadl_app.core.errors import MissingInputError
 from clinicadl_app.group.tasks import PART, Task
 from clinicadl_app.group.training import Device, Evaluator
 from clinicadl_app.layouts.maps import Maps
@@ -96,3 +98,15 @@ def intervals(task: Task, images: pd.DataFrame) -> dict[str, tuple[float, float]
         return bootstrap(images.true_label.to_numpy(float), images.predicted_label.to_numpy(float), "regression",
                          participants)
     return {}
+
+
+def validation_weights(maps: Maps, fold: int, metric: str, train: Train, task) -> dict[int, float] | None:
+    """The soft-vote weights of a part-based model: from its validation results only (None: image mode)."""
+    column = PART[train.mode]
+    if not column:
+        return None
+    path = maps.prediction(fold, metric, "validation", train.mode)
+    if not path.is_file():
+        raise MissingInputError(f"{path}: the validation results that weigh the parts are missing; train again")
+    parts = pd.read_csv(path, sep="\t")
+    return task.part_weights(parts, column, train.selection_threshold)

@@ -8,6 +8,8 @@ Two fingerprints per image:
   z-scored. Measured (docs/design.md): the same scan moved by up to 15 deg / 20 mm, with a bias field and
   noise, then registered again: r = 0.985-0.997; different people: r <= 0.62; the same brain with one or
   the other hemisphere darkened (a "trivial" dataset): r = 0.34; different brains darkened alike: r <= 0.70.
+  2D images (Shepp-Logan phantoms) have none: they share their outline, so any two would correlate (r ~0.97);
+  the content check then counts them as not comparable, and shared labels are refused (leakage.py).
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def signature(path: Path) -> np.ndarray:
     img = nib.load(str(path))
     data = torch.from_numpy(np.asanyarray(img.dataobj, dtype=np.float32))[None, None]
     block = max(1, int(round(BLOCK_MM / float(np.mean(img.header.get_zooms()[:3])))))
+    if min(img.shape[:3]) < 4 * block:  # not a 3D brain (2D phantoms): no signature describes it
+        return np.zeros(0, dtype=np.float32)
     mask = torch.from_numpy(brain_mask(img.shape[:3], img.affine).astype(np.float32))[None, None]
     pooled = F.avg_pool3d(data, block, block, ceil_mode=True)[0, 0].numpy().astype(np.float64)
     inside = F.avg_pool3d(mask, block, block, ceil_mode=True)[0, 0].numpy() > 0.5
@@ -105,8 +109,10 @@ class Signatures:
         columns = [*KEYS, "seen_participant_id", "seen_session_id", "correlation"]
         if not len(self.keys) or not len(seen.keys):
             return pd.DataFrame(columns=columns)
+        if not self.matrix.shape[1] or not seen.matrix.shape[1]:
+            raise ValueError("2D images (phantoms) have no content signature")
         if self.matrix.shape[1] != seen.matrix.shape[1]:
-            raise ValueError("signatures of different grids cannot be compared")
+            raise ValueError("images on another grid than the seen images")
         correlation = self.matrix @ seen.matrix.T / self.matrix.shape[1]
         rows = []
         for i, j in zip(*np.nonzero(correlation >= threshold), strict=True):

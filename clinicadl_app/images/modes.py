@@ -67,3 +67,18 @@ def bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
         present = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
         box.append(slice(int(present[0]), int(present[-1]) + 1))
     return tuple(box)
+
+
+def patch_region(shape: tuple[int, ...], size: int, stride: int, index: int) -> tuple[slice, slice, slice]:
+    """Where patch number `index` lies in the (X, Y, Z) volume it was cut from (the inverse of patch_at)."""
+    _, ny, nz = patch_grid(shape, size, stride)
+    i, rest = divmod(index, ny * nz)
+    j, k = divmod(rest, nz)
+    return tuple(slice(a * stride, a * stride + size) for a in (i, j, k))  # type: ignore[return-value]
+
+
+def slice_region(direction: int, index: int) -> tuple[slice, slice, slice]:
+    """Where slice `index` lies in the volume: one voxel thick along `direction`."""
+    region = [slice(None)] * 3
+    region[direction] = slice(index, index + 1)
+    return tuple(region)  # type: ignore[return-value]

@@ -41,12 +41,12 @@ def cropped_affine(affine: np.ndarray) -> np.ndarray:
 
 def resample_nearest(mask: np.ndarray, mask_affine: np.ndarray, shape: tuple[int, ...],
                      affine: np.ndarray) -> np.ndarray:
-    """A binary image brought onto another grid of the same space by nearest neighbour."""
+    """An image (binary or not) brought onto another grid of the same space by nearest neighbour; 0 outside."""
     voxels = np.indices(shape).reshape(3, -1)
     world = affine @ np.vstack([voxels, np.ones(voxels.shape[1])])
     inside = np.rint(np.linalg.solve(mask_affine, world)[:3]).astype(int)
     valid = np.all((inside >= 0) & (inside < np.array(mask.shape)[:, None]), axis=0)
-    out = np.zeros(voxels.shape[1], dtype=bool)
+    out = np.zeros(voxels.shape[1], dtype=mask.dtype)
     out[valid] = mask[tuple(inside[:, valid])]
     return out.reshape(shape)
 
@@ -57,3 +57,11 @@ def brain_mask(shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
 
     mask_img = nib.load(str(path(MNI_BRAIN_MASK)))
     return resample_nearest(np.asanyarray(mask_img.dataobj) > 0.5, mask_img.affine, shape, affine)
+
+
+def template_on(shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+    """The MNI T1 template on any grid of its space: the background maps are drawn over."""
+    import nibabel as nib
+
+    template = nib.load(str(path(MNI_T1)))
+    return resample_nearest(np.asanyarray(template.dataobj, dtype=np.float32), template.affine, shape, affine)

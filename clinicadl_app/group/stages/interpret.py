@@ -1,8 +1,11 @@
-"""The interpret stage: attribution maps of the selected models on a predicted group (captum).
+"""The interpret stage: voxel maps of the selected models on a predicted group, for every mode and task.
 
-Maps are NIfTI files with the true affine of the CAPS images (ClinicaDL writes an identity affine), so
-they overlay on MNI space in any viewer, plus PNG overlays. Grad-CAM is computed in 3D at a convolution
-block and upsampled trilinearly to the input grid. Per image (optional), and mean per group and class.
+Classification and regression get attribution maps (captum: gradients, Grad-CAM, integrated gradients,
+occlusion) of the image-level decision; autoencoders get their absolute reconstruction error. Part-based
+models are explained part by part and stitched back into the image (attribution.py, images/stitching.py).
+Maps are NIfTI files with the true affine of the CAPS images (ClinicaDL writes an identity affine), so they
+overlay on MNI space in any viewer, each with a JSON sidecar saying how it was made; per image (optional),
+and mean per group and class. File names: group-<group>_label-<class|all>_mode-<mode>_desc-<method>_mean.
 """
 
 from __future__ import annotations
@@ -15,16 +18,19 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 
-from clinicadl_app.core.atomic import atomic_path
+from clinicadl_app import __version__
+from clinicadl_app.core.atomic import atomic_path, write_json
 from clinicadl_app.core.config import Config, Extraction, Train
 from clinicadl_app.core.config_file import section_from
 from clinicadl_app.core.errors import UsageError
-from clinicadl_app.core.figures import pyplot, save_png
+from clinicadl_app.core.figures import save_png
+from clinicadl_app.group import map_figures
+from clinicadl_app.group.attribution import RECONSTRUCTION, RECONSTRUCTION_ERROR, image_map, vote_factors
 from clinicadl_app.group.data import ImageStore, PartDataset, image_paths, part_spec
 from clinicadl_app.group.experiment import experiment_name
 from clinicadl_app.group.models import load_selected, open_maps, task_from_record
+from clinicadl_app.group.results import validation_weights
 from clinicadl_app.group.training import Device
 from clinicadl_app.layouts.caps import KEYS, Caps
 from clinicadl_app.layouts.maps import Maps
@@ -32,58 +38,16 @@ from clinicadl_app.layouts.maps import Maps
 log = logging.getLogger("clinicadl_app")
 
 
-def _conv_layer(model: nn.Module, block: int) -> nn.Module:
-    convolutions = [m for m in model.convolutions if isinstance(m, nn.Conv3d | nn.Conv2d)]
-    try:
-        return convolutions[block]
-    except IndexError:
-        raise UsageError(f"--layer {block}: the network has {len(convolutions)} convolution blocks") from None
-
-
-def attribute(model: nn.Module, method: str, inputs: torch.Tensor, target: torch.Tensor | None,
-              layer: int) -> torch.Tensor:
-    """Attribution of each input voxel, same shape as `inputs`, non-negative."""
-    from captum import attr
-
-    model.eval()
-    inputs = inputs.clone().requires_grad_(True)
-    if method == "gradients":
-        return attr.Saliency(model).attribute(inputs, target=target, abs=True).detach()
-    if method == "grad-cam":
-        grad_cam = attr.LayerGradCam(model, _conv_layer(model, layer))
-        cam = grad_cam.attribute(inputs, target=target, relu_attributions=True)
-        mode = "trilinear" if inputs.dim() == 5 else "bilinear"
-        up = attr.LayerAttribution.interpolate(cam.detach(), tuple(inputs.shape[2:]), interpolate_mode=mode)
-        return up.expand_as(inputs).clamp(min=0)
-    if method == "integrated-gradients":
-        values = attr.IntegratedGradients(model).attribute(inputs, target=target, n_steps=16,
-                                                            internal_batch_size=max(1, len(inputs)))
-        return values.detach().abs()
-    if method == "occlusion":
-        window = tuple([inputs.shape[1]] + [max(1, s // 6) for s in inputs.shape[2:]])
-        stride = tuple([1] + [max(1, s // 6) for s in inputs.shape[2:]])
-        values = attr.Occlusion(model).attribute(inputs.detach(), target=target, sliding_window_shapes=window,
-                                                 strides=stride, baselines=0)
-        return values.abs()
-    raise UsageError(f"unknown interpretation method {method}")
-
-
-def run_interpret(config: Config, maps_dir: Path, asked: bool = True) -> Maps | None:
-    """`asked`: the stage was named on the command line; otherwise (the default run of every stage) what
-    cannot be interpreted is skipped with one line instead of refused."""
+def run_interpret(config: Config, maps_dir: Path) -> Maps | None:
     maps, record = open_maps(config.predict.maps_dir or maps_dir / experiment_name(config))
     group = config.predict.group_name
     settings = config.interpret
     train = section_from(Train, record["train"])
-    unsupported = ("interpretation explains a prediction: not available for reconstruction"
-                   if record["task"] == "reconstruction" else
-                   "interpretation maps are written for image-mode MAPS only in this version"
-                   if train.mode != "image" else None)
-    if unsupported:
-        if asked:
-            raise UsageError(unsupported)
-        log.info("interpret: skipped (%s)", unsupported)
-        return None
+    reconstruction = record["task"] == "reconstruction"
+    methods = (RECONSTRUCTION_ERROR,) if reconstruction else settings.methods
+    if reconstruction:
+        log.info("interpret: an autoencoder explains nothing; writing its reconstruction error maps instead of %s",
+                 ", ".join(settings.methods))
     if not maps.group_data(group).is_file():
         no_test = group == "test" and record["split"].get("counts", {}).get("test", {}).get("participants") == 0
         if no_test:
@@ -91,58 +55,110 @@ def run_interpret(config: Config, maps_dir: Path, asked: bool = True) -> Maps | 
             return None
         raise UsageError(f"{maps.group_data(group)}: group '{group}' was not predicted; run the predict stage first "
                          "(its leakage checks guard interpretation too)")
-    text = {"participant_id": str, "session_id": str} | ({record["label"]: str} if record["task"] == "classification"
-                                                         else {})
+    label = record["label"]
+    text = {"participant_id": str, "session_id": str} | ({label: str} if record["task"] == "classification" else {})
     rows = pd.read_csv(maps.group_data(group), sep="\t", dtype=text)
     extraction = section_from(Extraction, record["extraction_settings"])
     group_record = json.loads(maps.group_record(group).read_text())
     caps = Caps(maps.resolve(group_record["caps_directory"], "CAPS of the predicted group"))
-    paths = image_paths(caps, rows, extraction)
-    store = ImageStore(paths)
+    store = ImageStore(image_paths(caps, rows, extraction))
     shape = store.validate()
-    spec = part_spec("image", shape[1:], extraction, caps)
+    spec = part_spec(train.mode, shape[1:], extraction, caps)
     reference = _reference_image(caps, rows, extraction)
     device = Device.choose(train)
-    label = record["label"]
+    dataset = PartDataset(store, spec, [torch.zeros(())] * len(rows), train.normalize)
     for fold in maps.folds():
         task = task_from_record(json.loads(maps.group_record("train", fold).read_text())["task"])
-        # explain the true class where the model knows it; else (or on request) the predicted one
-        known = ([settings.target == "true" and isinstance(v, str) and v in task.classes for v in rows[label]]
-                 if task.name == "classification" else [False] * len(rows))
-        targets = [task.target(v) if ok else torch.tensor(0) for v, ok in zip(rows[label], known, strict=True)] \
-            if task.name == "classification" else [task.target(0.0)] * len(rows)
-        dataset = PartDataset(store, spec, targets, train.normalize)
         for metric in maps.selection_metrics(fold):
-            (_, model, _), = load_selected(maps, fold, metric, train, tuple(record["input_size"]), task, device)
-            for method in settings.methods:
+            models = load_selected(maps, fold, metric, train, tuple(record["input_size"]), task, device)
+            classes = _explained_classes(maps, fold, metric, group, rows, task, settings.target, label)
+            weights = validation_weights(maps, fold, metric, train, task) if task.name == "classification" else None
+            factors = vote_factors(weights)
+            about = {"mode": train.mode, "fold": fold, "selection_metric": metric, "group": group,
+                     "target": {"classification": f"class: {settings.target}", "regression": "the predicted value",
+                                "reconstruction": "the input itself"}[task.name],
+                     "part_weighting": _weighting(train.mode, factors), "factors": factors,
+                     "clinicadl_app_version": __version__}
+            for method in methods:
                 folder = maps.interpretation(fold, metric, group, method)
-                sums: dict[str, np.ndarray] = {}
-                counts: dict[str, int] = {}
-                for index in range(len(dataset)):
-                    item = dataset[index]
-                    inputs = item["input"].unsqueeze(0).to(device.device)
-                    target = None
-                    if task.name == "classification":
-                        if not known[index]:
-                            with torch.no_grad():  # the model is in eval mode (load_selected)
-                                target = model(inputs).argmax(1)[0].cpu()
-                        else:
-                            target = item["target"]
-                        target = int(target)
-                    values = attribute(model, method, inputs, target, settings.layer)[0, 0].cpu().numpy()
-                    key = task.classes[target] if task.name == "classification" else "all"
-                    sums[key] = sums.get(key, 0) + values
-                    counts[key] = counts.get(key, 0) + 1
-                    if settings.save_individual:
-                        participant, session = rows.iloc[index][KEYS]
-                        _save(values, reference, folder / f"{participant}_{session}_desc-{method}_saliency.nii.gz")
-                for key, total in sums.items():
-                    mean = total / counts[key]
-                    stem = f"group-{group}_label-{key}_desc-{method}_mean"
-                    _save(mean, reference, folder / f"{stem}.nii.gz")
-                    _overlay(mean, reference, folder / f"{stem}.png", f"{method}, {group}, {key} (n={counts[key]})")
+                _write_maps(models, dataset, rows, classes, task, method, folder, about, reference, settings,
+                            device.device, max(1, train.batch_size))
                 log.info("interpret split-%d best-%s %s: %s", fold, metric, method, folder)
     return maps
+
+
+def _write_maps(models, dataset: PartDataset, rows: pd.DataFrame, classes: list[int | None], task, method: str,
+                folder: Path, about: dict, reference: nib.Nifti1Image, settings, device: torch.device,
+                batch: int) -> None:
+    """One method's maps of one model: per image on request, mean per class, and their pictures."""
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    covered = None
+    mode, group = about["mode"], about["group"]
+    for index in range(len(rows)):
+        canvas = image_map(models, dataset, index, method, classes[index], settings.layer,
+                           about["factors"], device, batch)
+        values, covered = canvas.result(), canvas.covered
+        key = task.classes[classes[index]] if classes[index] is not None else "all"
+        sums[key] = sums.get(key, 0) + values
+        counts[key] = counts.get(key, 0) + 1
+        if settings.save_individual:
+            participant, session = rows.iloc[index][KEYS]
+            _save(values, reference, folder / f"{participant}_{session}_mode-{mode}_desc-{method}_map.nii.gz",
+                  _sidecar(about, covered, method, key, 1))
+    background = np.asanyarray(reference.dataobj, dtype=np.float32)
+    for key, total in sums.items():
+        mean = total / counts[key]
+        stem = f"group-{group}_label-{key}_mode-{mode}_desc-{method}_mean"
+        _save(mean, reference, folder / f"{stem}.nii.gz", _sidecar(about, covered, method, key, counts[key]))
+        figure = map_figures.overlay_rows(background, [("", mean)], map_figures.scale_of([mean]),
+                                          f"{method}, {mode}, {group}, {key} (n={counts[key]})")
+        save_png(figure, folder / f"{stem}.png", dpi=80, facecolor="black")
+    if method == RECONSTRUCTION_ERROR:
+        _example(models, dataset, folder / f"group-{group}_mode-{mode}_desc-reconstruction_example.png", rows,
+                 settings.layer, device, batch)
+
+
+def _sidecar(about: dict, covered: np.ndarray | None, method: str, label: str, n_images: int) -> dict:
+    share = float(covered.mean()) if covered is not None else 0.0
+    return {key: value for key, value in about.items() if key != "factors"} | {
+        "method": method, "label": label, "n_images": n_images, "covered_fraction": round(share, 6),
+        "uncovered_voxels": "0: no part covers them (not 'no attribution')" if share < 1 else "none",
+        "overlaps": "averaged over the parts covering a voxel"}
+
+
+def _explained_classes(maps: Maps, fold: int, metric: str, group: str, rows: pd.DataFrame, task, target: str,
+                       label: str) -> list[int | None]:
+    """The class each image's map explains: its true class where asked and known to the model, else the
+    class the image-level decision (for parts, the weighted vote) gave it; None without classes."""
+    if task.name != "classification":
+        return [None] * len(rows)
+    predicted = pd.read_csv(maps.prediction(fold, metric, group, "image"), sep="\t", dtype={k: str for k in KEYS})
+    decided = {(p, s): int(c) for p, s, c in predicted[KEYS + ["predicted_label"]].itertuples(index=False)}
+    return [task.classes.index(v) if target == "true" and isinstance(v, str) and v in task.classes
+            else decided[(p, s)] for p, s, v in rows[KEYS + [label]].itertuples(index=False)]
+
+
+def _weighting(mode: str, factors: dict[int, float] | None) -> str | dict:
+    if mode == "image":
+        return "none (image mode)"
+    if factors is None:
+        return "none: the image-level result is the plain mean of its parts"
+    return {"rule": "each part's map times its validation-based vote weight divided by the mean weight "
+                    "(0: the part does not vote)", "factors": {str(k): round(v, 4) for k, v in factors.items()}}
+
+
+def _example(models, dataset: PartDataset, path: Path, rows: pd.DataFrame, layer: int, device: torch.device,
+             batch: int) -> None:
+    """Input, output and absolute difference of the group's first image: what the report shows."""
+    low, high = dataset.store.range(0)
+    image = dataset.store.image(0)[0].float().numpy()
+    given = (image - low) / (high - low if high > low else 1.0) if dataset.normalize else image
+    output = image_map(models, dataset, 0, RECONSTRUCTION, None, layer, None, device, batch).result()
+    participant, session = rows.iloc[0][KEYS]
+    figure = map_figures.panels([("input", given), ("output", output), ("difference", np.abs(output - given))],
+                                f"reconstruction of {participant} {session}")
+    save_png(figure, path, dpi=70, facecolor="black")
 
 
 def _reference_image(caps: Caps, rows: pd.DataFrame, extraction: Extraction) -> nib.Nifti1Image:
@@ -151,27 +167,9 @@ def _reference_image(caps: Caps, rows: pd.DataFrame, extraction: Extraction) -> 
     return nib.load(str(caps.t1_linear(first, cropped=not extraction.use_uncropped_image)))
 
 
-def _save(values: np.ndarray, reference: nib.Nifti1Image, path: Path) -> None:
+def _save(values: np.ndarray, reference: nib.Nifti1Image, path: Path, sidecar: dict) -> None:
     image = nib.Nifti1Image(values.astype(np.float32), reference.affine)
     image.header.set_xyzt_units("mm")
     with atomic_path(path) as tmp:
         nib.save(image, str(tmp))
-
-
-def _overlay(values: np.ndarray, reference: nib.Nifti1Image, path: Path, title: str) -> None:
-    plt = pyplot()
-
-    background = np.asanyarray(reference.dataobj, dtype=np.float32)
-    centre = [s // 2 for s in values.shape]
-    cuts = {"sagittal": np.s_[centre[0], :, :], "coronal": np.s_[:, centre[1], :], "axial": np.s_[:, :, centre[2]]}
-    high = float(np.percentile(values, 99.5)) or 1.0
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4), facecolor="black")
-    for ax, (plane, cut) in zip(axes, cuts.items(), strict=True):
-        ax.imshow(np.rot90(background[cut]), cmap="gray")
-        shown = np.rot90(values[cut])
-        ax.imshow(np.ma.masked_less(shown, 0.2 * high), cmap="hot", vmin=0.2 * high, vmax=high, alpha=0.8)
-        ax.set_title(plane, color="white", fontsize=9)
-        ax.axis("off")
-    fig.suptitle(title + "  (neurological orientation: left on the left)", color="white", fontsize=10)
-    fig.tight_layout()
-    save_png(fig, path, dpi=80, facecolor="black")
+    write_json(path.with_name(path.name.replace(".nii.gz", ".json")), sidecar)

@@ -30,7 +30,7 @@ from clinicadl_app.group.data import ImageStore, PartDataset, image_paths, part_
 from clinicadl_app.group.experiment import experiment_name, select_rows
 from clinicadl_app.group.leakage import Overlap, Seen, overlap, same_place
 from clinicadl_app.group.models import load_selected, open_maps, task_from_record
-from clinicadl_app.group.results import GroupResult, evaluate_group
+from clinicadl_app.group.results import GroupResult, evaluate_group, validation_weights
 from clinicadl_app.group.tasks import PART
 from clinicadl_app.group.training import Device
 from clinicadl_app.layouts.caps import KEYS, Caps
@@ -144,7 +144,7 @@ def run_predict(config: Config, maps_dir: Path) -> Maps | None:
         subsets = [(rows[mask], scored) for mask, scored in ((known, True), (~known, False)) if mask.any()]
         for metric in maps.selection_metrics(fold):
             models = load_selected(maps, fold, metric, train, tuple(record["input_size"]), task, device)
-            weights = _validation_weights(maps, fold, metric, train, task)
+            weights = validation_weights(maps, fold, metric, train, task)
             results = []
             for subset, scored in subsets:
                 dataset = PartDataset(ImageStore([paths[i] for i in subset.index]), spec,
@@ -209,17 +209,6 @@ def _quality(caps: Caps, rows: pd.DataFrame) -> dict[tuple[str, str], object]:
         quality = caps.quality(found[key]) if key in found else None
         marks[key] = bool(quality["passed"]) if quality else "n/a"
     return marks
-
-
-def _validation_weights(maps: Maps, fold: int, metric: str, train: Train, task) -> dict[int, float] | None:
-    column = PART[train.mode]
-    if not column:
-        return None
-    path = maps.prediction(fold, metric, "validation", train.mode)
-    if not path.is_file():
-        raise MissingInputError(f"{path}: the validation results that weigh the parts are missing; train again")
-    parts = pd.read_csv(path, sep="\t")
-    return task.part_weights(parts, column, train.selection_threshold)
 
 
 def _record_group(maps: Maps, rows: pd.DataFrame, group: str, origin: str, leak_check: str,

@@ -3,7 +3,8 @@ what the MAPS and the split folder hold, so it can be rebuilt at any time and ma
 
 Sections: summary (task, data, configuration, environment), population of each set, learning curves,
 metrics per fold with bootstrap 95 % intervals and mean +- sd over folds, ROC curves and confusion matrices
-(classification) or predicted-vs-true plots (regression), attribution overlays.
+(classification) or predicted-vs-true plots (regression), attribution and reconstruction-error maps over the
+template with one colour scale across folds.
 """
 
 from __future__ import annotations
@@ -139,9 +140,30 @@ def _outcome_figures(maps: Maps, task: str, classes: list[str] | None) -> str:
     return "".join(figures) or "<p>No labelled predictions yet.</p>"
 
 
-def _saliency(maps: Maps) -> str:
-    figures = [img(file_uri(path), f"{path.parents[3].name} {path.parents[2].name} {path.parent.name}: {path.stem}")
-               for path in sorted(maps.root.glob("split-*/best-*/*/interpret-*/*_mean.png"))]
+def _voxel_maps(maps: Maps) -> str:
+    """Each mean map over the template, one row per fold and selection metric on one colour scale, so that
+    folds compare by eye; then the autoencoders' input/output/difference examples."""
+    import nibabel as nib
+
+    from clinicadl_app.group import map_figures
+    from clinicadl_app.images.templates import template_on
+
+    same: dict[tuple[str, str], list[Path]] = {}  # (group, file name) -> one map per fold and metric
+    for path in sorted(maps.root.glob("split-*/best-*/*/interpret-*/group-*_mean.nii.gz")):
+        same.setdefault((path.parents[1].name, path.name), []).append(path)
+    figures = []
+    for (group, name), paths in same.items():
+        images = [nib.load(str(path)) for path in paths]
+        data = [np.asanyarray(image.dataobj, dtype=np.float32) for image in images]
+        background = template_on(data[0].shape, images[0].affine)
+        rows = [(f"{path.parents[3].name} {path.parents[2].name}", values) for path, values in zip(paths, data,
+                                                                                                   strict=True)]
+        stem = name.removesuffix("_mean.nii.gz")
+        figure = map_figures.overlay_rows(background, rows, map_figures.scale_of(data), f"{stem} over MNI152")
+        figures.append(img(figure_uri(figure), f"{group}: {stem} (one colour scale for all rows; files: "
+                                               f"{paths[0].parent.name}/{name})"))
+    figures += [img(file_uri(path), f"{path.parents[3].name} {path.parents[2].name}: {path.stem}")
+                for path in sorted(maps.root.glob("split-*/best-*/*/interpret-*/*_desc-reconstruction_example.png"))]
     return "".join(figures) or "<p>No interpretation yet (stage interpret).</p>"
 
 
@@ -185,7 +207,7 @@ def write_report(maps: Maps) -> Path:
         "<h2>Learning curves</h2>", _learning_curves(maps, task),
         "<h2>Metrics</h2>", _metric_tables(maps, task),
         "<h2>Predictions</h2>", _outcome_figures(maps, task, record.get("classes")),
-        "<h2>Attribution maps</h2>", _saliency(maps),
+        "<h2>Attribution and error maps</h2>", _voxel_maps(maps),
     ]
     write_text(maps.report, page(record["experiment"], body))
     log.info("report: %s", maps.report)

@@ -1,0 +1,99 @@
+"""Voxel maps of a model's decision (captum) or of its reconstruction error, on parts or whole images, put
+back into the image grid.
+
+Part-based models are explained part by part, each part with the model that decided on it (one network per
+part in multi-network mode), for the image-level class; a part's map is scaled by its share of the image's
+weighted vote relative to an equal share, so parts that do not vote add nothing and equal weights change
+nothing. Overlaps are averaged (images/stitching.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from clinicadl_app.core.errors import UsageError
+from clinicadl_app.group.data import PartDataset
+from clinicadl_app.images.stitching import Canvas
+
+RECONSTRUCTION_ERROR = "reconstruction-error"
+RECONSTRUCTION = "reconstruction"
+"""Not a method users pick: the stitched output of an autoencoder, for the report's example figure."""
+
+
+def _conv_layer(model: nn.Module, block: int) -> nn.Module:
+    convolutions = [m for m in model.convolutions if isinstance(m, nn.Conv3d | nn.Conv2d)]
+    try:
+        return convolutions[block]
+    except IndexError:
+        raise UsageError(f"--layer {block}: the network has {len(convolutions)} convolution blocks") from None
+
+
+def attribute(model: nn.Module, method: str, inputs: torch.Tensor, target: torch.Tensor | int | None,
+              layer: int) -> torch.Tensor:
+    """Attribution of each input voxel, same shape as `inputs`, non-negative. `target`: the class explained
+    (one, or one per input); None for a single output (regression)."""
+    from captum import attr
+
+    model.eval()
+    inputs = inputs.clone().requires_grad_(True)
+    if method == "gradients":
+        return attr.Saliency(model).attribute(inputs, target=target, abs=True).detach()
+    if method == "grad-cam":
+        grad_cam = attr.LayerGradCam(model, _conv_layer(model, layer))
+        cam = grad_cam.attribute(inputs, target=target, relu_attributions=True)
+        mode = "trilinear" if inputs.dim() == 5 else "bilinear"
+        up = attr.LayerAttribution.interpolate(cam.detach(), tuple(inputs.shape[2:]), interpolate_mode=mode)
+        return up.expand_as(inputs).clamp(min=0)
+    if method == "integrated-gradients":
+        values = attr.IntegratedGradients(model).attribute(inputs, target=target, n_steps=16,
+                                                            internal_batch_size=max(1, len(inputs)))
+        return values.detach().abs()
+    if method == "occlusion":
+        window = tuple([inputs.shape[1]] + [max(1, s // 6) for s in inputs.shape[2:]])
+        stride = tuple([1] + [max(1, s // 6) for s in inputs.shape[2:]])
+        values = attr.Occlusion(model).attribute(inputs.detach(), target=target, sliding_window_shapes=window,
+                                                 strides=stride, baselines=0)
+        return values.abs()
+    raise UsageError(f"unknown interpretation method {method}")
+
+
+def explain(model: nn.Module, method: str, inputs: torch.Tensor, target: torch.Tensor | None,
+            layer: int) -> torch.Tensor:
+    """A voxel map per input, same shape as `inputs`."""
+    if method in (RECONSTRUCTION_ERROR, RECONSTRUCTION):
+        model.eval()
+        with torch.no_grad():
+            output = model(inputs)
+        return (output - inputs).abs() if method == RECONSTRUCTION_ERROR else output
+    return attribute(model, method, inputs, target, layer)
+
+
+def vote_factors(weights: dict[int, float] | None) -> dict[int, float] | None:
+    """Each part's vote relative to an equal share; None when parts are not weighed."""
+    if not weights:
+        return None
+    values = np.array(list(weights.values()), dtype=float)
+    if not (values > 0).any():  # the vote falls back to equal weights (tasks.ensemble)
+        return {part: 1.0 for part in weights}
+    return {part: float(w / values.mean()) for part, w in weights.items()}
+
+
+def image_map(models, dataset: PartDataset, index: int, method: str, target: int | None, layer: int,
+              factors: dict[int, float] | None, device: torch.device, batch: int) -> Canvas:
+    """The map of image `index` of `dataset`: every part explained and placed back."""
+    spec, positions = dataset.spec, len(dataset.parts)
+    canvas = Canvas(tuple(dataset.store.image(index).shape[1:]))
+    for network, model, _ in models:
+        chosen = list(range(positions)) if network is None else [dataset.parts.index(network)]
+        for start in range(0, len(chosen), batch):
+            chunk = chosen[start:start + batch]
+            inputs = torch.stack([dataset[index * positions + p]["input"] for p in chunk]).to(device)
+            targets = None if target is None else torch.full((len(chunk),), target, dtype=torch.long)
+            values = explain(model, method, inputs, targets, layer).mean(1).cpu().numpy()  # channels (rgb slices)
+            for position, part_map in zip(chunk, values, strict=True):
+                part = spec.ids[dataset.parts[position]]
+                region, placed = spec.place(part, part_map)
+                canvas.add(region, placed, 1.0 if factors is None else factors.get(part, 0.0))
+    return canvas
