@@ -313,29 +313,37 @@ def data_2mm(tmp_path_factory):
 
 
 @pytest.mark.parametrize(("case", "extra"), [
-    ("patch", ["--mode", "patch", "--patch_size", "42", "--stride_size", "42"]),
-    ("roi", ["--mode", "roi"]),
-    ("slice", ["--mode", "slice", "--slice_direction", "2", "--discarded_slices", "25", "--architecture", "Conv4_FC3"]),
+    ("roi", ["--mode", "roi"]),  # the default hippocampus ROIs, cropped; patch and slice: test_interpret_modes.py
     ("regression", ["--column", "age", "--task", "regression"]),
     ("reconstruction", ["--network_task", "reconstruction"]),
+    ("reconstruction-patch", ["--network_task", "reconstruction", "--mode", "patch", "--patch_size", "42",
+                              "--stride_size", "42"]),
     ("no-test-set", ["--n_test", "0"]),
 ])
 def test_the_default_group_run_completes_for_every_mode_and_task(case, extra, data, data_2mm, tmp_path):
     """run.py BIDS OUT group with no --stages: all six stages, whatever the mode and task."""
-    root = data_2mm if case in ("patch", "roi", "slice") else data
+    root = data_2mm if case in ("roi", "reconstruction-patch") else data
     (tmp_path / "experiment.toml").write_text(DEFAULT_RUN)
     done = run_app(root / "data" / "bids", tmp_path / "out", "group", "--caps_dir", root / "data" / "caps",
                    "--config", tmp_path / "experiment.toml", *extra)
     assert done.returncode == 0, done.stderr
     (maps,) = (tmp_path / "out" / "maps").iterdir()
-    assert "<h2>Metrics</h2>" in (maps / "report.html").read_text()
+    page = (maps / "report.html").read_text()
+    assert "<h2>Metrics</h2>" in page
     test_metrics = maps / "split-0" / "best-loss" / "test" / "test_image_level_metrics.tsv"
-    interpreted = maps / "split-0" / "best-loss" / "test" / "interpret-gradients"
     if case == "no-test-set":
         assert "no test set" in done.stderr and not test_metrics.exists()
         return
     assert test_metrics.is_file() and len(pd.read_csv(test_metrics, sep="\t")) == 1
-    if case in ("regression",):
-        assert list(interpreted.glob("*_mean.nii.gz")), "an image-mode regression is interpreted"
+    mode = "patch" if case == "reconstruction-patch" else "roi" if case == "roi" else "image"
+    if case.startswith("reconstruction"):
+        folder = maps / "split-0" / "best-loss" / "test" / "interpret-reconstruction-error"
+        (error,) = folder.glob(f"group-test_label-all_mode-{mode}_desc-reconstruction-error_mean.nii.gz")
+        values = np.asanyarray(nib.load(str(error)).dataobj)
+        assert (values >= 0).all() and values.max() > 0, "absolute reconstruction error, somewhere non-zero"
+        assert (folder / f"group-test_mode-{mode}_desc-reconstruction_example.png").stat().st_size > 10_000
+        assert "reconstruction_example" in page, "input, output and difference in the report"
     else:
-        assert "interpret: skipped" in done.stderr and not interpreted.exists()
+        interpreted = maps / "split-0" / "best-loss" / "test" / "interpret-gradients"
+        label = "all" if case == "regression" else "*"
+        assert list(interpreted.glob(f"group-test_label-{label}_mode-{mode}_desc-gradients_mean.nii.gz"))
