@@ -9,6 +9,7 @@ import json
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 
 from clinicadl_app.generate import Trivial, generate_trivial, hemisphere
@@ -67,6 +68,11 @@ def test_default_run_interprets_parts_in_mni_space(mode, trivial, tmp_path):
                    tmp_path / "run.toml", *extra)
     assert done.returncode == 0, done.stderr
     (maps,) = (out / "maps").iterdir()
+    # the part model learnt (this replaces test_training's patch and slice cases)
+    best = maps / "split-0" / "best-BA" / "validation"
+    assert pd.read_csv(best / "validation_image_level_metrics.tsv", sep="\t").BA.iloc[0] >= 0.8
+    column = {"patch": "patch_id", "roi": "roi_id", "slice": "slice_id"}[mode]
+    assert pd.read_csv(best / f"validation_{mode}_level_prediction.tsv", sep="\t")[column].nunique() > 1
     folder = maps / "split-0" / "best-loss" / "test" / "interpret-gradients"
     reference = nib.load(str(next((trivial / "caps" / "subjects").glob("*/ses-M000/t1_linear/*.nii.gz"))))
     ratios = {}

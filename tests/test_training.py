@@ -115,13 +115,11 @@ def test_every_maps_file_exists_and_parses(image_run):
 
 @pytest.mark.parametrize(
     ("mode", "extra"),
-    [
-        ("patch", ["--patch_size", "42", "--stride_size", "42"]),
+    [  # patch and slice learn in tests/test_interpret_modes.py's full runs
         ("roi", ["--roi_list", "leftHippocampusBox", "rightHippocampusBox"]),
-        ("slice", ["--slice_direction", "2", "--discarded_slices", "25", "--architecture", "Conv4_FC3"]),
         ("roi", ["--roi_list", "leftHippocampusBox", "rightHippocampusBox", "--multi_network"]),
     ],
-    ids=["patch", "roi", "slice", "roi-multi"],
+    ids=["roi", "roi-multi"],
 )
 def test_part_modes_learn(trivial, tmp_path, mode, extra):
     done = group(trivial, tmp_path, "--mode", mode, "--split", "0", "--epochs", "6", *extra)

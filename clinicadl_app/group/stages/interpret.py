@@ -75,8 +75,9 @@ def run_interpret(config: Config, maps_dir: Path) -> Maps | None:
             weights = validation_weights(maps, fold, metric, train, task) if task.name == "classification" else None
             factors = vote_factors(weights)
             about = {"mode": train.mode, "fold": fold, "selection_metric": metric, "group": group,
-                     "target": {"classification": f"class: {settings.target}", "regression": "the predicted value",
-                                "reconstruction": "the input itself"}[task.name],
+                     "target": {"classification": "the true class (the image-level prediction where unknown)"
+                                if settings.target == "true" else "the class of the image-level prediction",
+                                "regression": "the predicted value", "reconstruction": "the input itself"}[task.name],
                      "part_weighting": _weighting(train.mode, factors), "factors": factors,
                      "clinicadl_app_version": __version__}
             for method in methods:
