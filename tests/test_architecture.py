@@ -1,6 +1,7 @@
 """The package's shape is a rule, not a wish: imports flow down the layers, stages stay apart, modules stay small.
 
-Layers, bottom to top (docs/design.md §3): core -> layouts -> images -> participant | group -> cli, generate.
+Layers, bottom to top (docs/design.md §3): core -> layouts -> images -> participant | group -> cli, generate
+-> platforms (descriptors made from the command line).
 A module imports only from its own layer or below; the two levels never import each other; a group stage
 (group/stages/X.py) never imports another stage, and no group library module imports a stage.
 """
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "clinicadl_app"
-LAYERS = {"core": 0, "layouts": 1, "images": 2, "participant": 3, "group": 3, "cli": 4, "generate": 4}
+LAYERS = {"core": 0, "layouts": 1, "images": 2, "participant": 3, "group": 3, "cli": 4, "generate": 4,
+          "platforms": 5}
 MAX_LINES = 400
 
 

@@ -20,6 +20,20 @@ class ExitCode(IntEnum):
     CANNOT_WRITE = 73
 
 
+MEANINGS = {
+    ExitCode.OK: "success",
+    ExitCode.VALIDATION_FAILED: "the BIDS validator found errors (--skip_bids_validator bypasses it)",
+    ExitCode.UNKNOWN_LEVEL: "unknown analysis level",
+    ExitCode.NO_DATA: "the filters selected no data",
+    ExitCode.LEAKAGE: "leakage: evaluating on (or transferring from) data a model was trained or selected on",
+    ExitCode.USAGE: "usage error: bad option, label, configuration file or ROI mask",
+    ExitCode.DATA_ERROR: "some sessions failed; the log ends with who failed and why, the others completed",
+    ExitCode.MISSING_INPUT: "missing input: BIDS folder, configuration, filter file or MAPS",
+    ExitCode.CANNOT_WRITE: "the output folder cannot be written or the disk is full (rerun to resume)",
+}
+"""What each exit code means, for the README, the Boutiques descriptor and platforms."""
+
+
 class AppError(Exception):
     """An error the user can fix; printed as one line, never as a traceback."""
 
