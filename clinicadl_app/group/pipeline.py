@@ -67,5 +67,6 @@ def run(config: Config) -> ExitCode:
     if "report" in stages:
         from clinicadl_app.group.stages.report import run_report
 
-        run_report(config, layout.maps_dir)
+        report = run_report(config, layout.maps_dir)
+        log.info("open %s (results); participant quality-check pages: %s", report, layout.reports_dir / "sub-*.html")
     return ExitCode.OK
