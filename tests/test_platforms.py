@@ -98,3 +98,18 @@ def test_a_brainlife_t1_becomes_a_one_image_bids_dataset(tmp_path):
                     "--n_cpus", "2"]
     with pytest.raises(ValueError, match="give 't1'"):
         arguments({"modes": "image"}, tmp_path)
+
+
+def test_the_container_is_named_with_its_digest_when_known(monkeypatch):
+    from clinicadl_app.layouts.output import container
+
+    for name in ("CLINICADL_APP_IMAGE", "CLINICADL_APP_IMAGE_DIGEST", "APPTAINER_CONTAINER", "SINGULARITY_CONTAINER"):
+        monkeypatch.delenv(name, raising=False)
+    assert container() is None
+    monkeypatch.setenv("CLINICADL_APP_IMAGE", "clinicadl-app:0.1.0")
+    assert container() == {"Type": "docker", "Tag": "clinicadl-app:0.1.0"}
+    monkeypatch.setenv("CLINICADL_APP_IMAGE_DIGEST", "sha256:" + "ab" * 32)
+    assert container()["URI"] == "docker://clinicadl-app@sha256:" + "ab" * 32
+    monkeypatch.delenv("CLINICADL_APP_IMAGE_DIGEST")
+    monkeypatch.setenv("APPTAINER_CONTAINER", "/images/clinicadl-app_0.1.0.sif")
+    assert container() == {"Type": "singularity", "Tag": "clinicadl-app:0.1.0", "URI": "/images/clinicadl-app_0.1.0.sif"}

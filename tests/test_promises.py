@@ -4,8 +4,11 @@ QC, transfer sources that saw validation subjects, repeated inference. Small rea
 
 from __future__ import annotations
 
+import html
 import json
+import shlex
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -85,6 +88,15 @@ def trained(data, tmp_path_factory):
     done = group(data, out)
     assert done.returncode == 0, done.stderr
     return out, out / "maps" / "diagnosis_image_Conv5_FC3"
+
+
+def test_the_maps_records_the_command_and_the_report_shows_it(trained):
+    out, maps = trained
+    record = json.loads((maps / "maps.json").read_text())
+    argv = shlex.split(record["command_line"])
+    assert argv[0] == "clinicadl-app" and argv[1:] == record["command"][1:] and "group" in argv
+    assert Path(record["working_directory"]).is_dir() and record["container"] is None
+    assert html.escape(record["command_line"]) in (maps / "report.html").read_text()
 
 
 def test_evaluate_train_with_unequal_sets_reports_the_selected_model(trained):

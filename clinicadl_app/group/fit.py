@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shlex
 import shutil
 import sys
 from collections.abc import Callable
@@ -33,6 +35,7 @@ from clinicadl_app.group.transfer import Transfer
 from clinicadl_app.images.extraction import description as extraction_description
 from clinicadl_app.layouts.caps import KEYS, Caps
 from clinicadl_app.layouts.maps import Maps, environment_text
+from clinicadl_app.layouts.output import container
 from clinicadl_app.layouts.splits import SplitFolder
 
 log = logging.getLogger("clinicadl_app")
@@ -165,6 +168,9 @@ def maps_record(config: Config, folder: SplitFolder, data: FoldData, caps: Caps,
         "extraction_settings": plain(config.extraction),
         "preprocessing": "t1-linear",
         "command": sys.argv,
+        "command_line": shlex.join(["clinicadl-app", *sys.argv[1:]]),
+        "working_directory": os.getcwd(),
+        "container": container(),
     }
 
 

@@ -22,13 +22,21 @@ _IGNORED = ("caps", "reports", "logs", "splits", "maps", "search", "work")
 
 
 def container() -> dict[str, str] | None:
-    """What GeneratedBy says about the container we run in, if any (the image sets CLINICADL_APP_IMAGE)."""
+    """What GeneratedBy says about the container we run in, if any (the image sets CLINICADL_APP_IMAGE).
+    An image cannot know its own digest: whoever runs it may pass CLINICADL_APP_IMAGE_DIGEST (sha256:...,
+    from `docker inspect`), and it becomes the URI; a Singularity image is named by its file."""
     image = os.environ.get("CLINICADL_APP_IMAGE")
-    if os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER"):
-        return {"Type": "singularity", "Tag": image or os.environ.get("SINGULARITY_NAME", "unknown")}
-    if image:
-        return {"Type": "docker", "Tag": image}
-    return None
+    digest = os.environ.get("CLINICADL_APP_IMAGE_DIGEST", "").strip()
+    sif = os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER")
+    if sif:
+        found = {"Type": "singularity", "Tag": image or os.environ.get("SINGULARITY_NAME", "unknown"), "URI": sif}
+    elif image:
+        found = {"Type": "docker", "Tag": image}
+    else:
+        return None
+    if digest:
+        found["URI"] = f"docker://{found['Tag'].split(':')[0]}@{digest}"
+    return found
 
 
 class OutputLayout:

@@ -190,6 +190,8 @@ def write_report(maps: Maps) -> Path:
         "architecture": record["train"]["architecture"], "input size": "x".join(map(str, record["input_size"])),
         "epochs": record["train"]["epochs"], "batch size": record["train"]["batch_size"],
         "seed": record["seed"], "clinicadl-app": record["clinicadl_app_version"], "created": record["created"],
+        "container": _container(record.get("container")),
+        "command": record.get("command_line", " ".join(record.get("command", []))),
     }
     if "search" in record:  # a trial of a search: chosen on validation data among others
         summary["search"] = f"trial {record['search']['trial']} of study {record['search']['study']}"
@@ -212,6 +214,12 @@ def write_report(maps: Maps) -> Path:
     write_text(maps.report, page(record["experiment"], body))
     log.info("report: %s", maps.report)
     return maps.report
+
+
+def _container(found: dict | None) -> str:
+    if not found:
+        return "none (installed with pip)"
+    return f"{found['Type']} {found['Tag']}" + (f" ({found['URI']})" if found.get("URI") else "")
 
 
 def run_report(config: Config, maps_dir: Path) -> Path:
