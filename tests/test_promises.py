@@ -97,6 +97,11 @@ def test_the_maps_records_the_command_and_the_report_shows_it(trained):
     assert argv[0] == "clinicadl-app" and argv[1:] == record["command"][1:] and "group" in argv
     assert Path(record["working_directory"]).is_dir() and record["container"] is None
     assert html.escape(record["command_line"]) in (maps / "report.html").read_text()
+    card = (maps / "model_card.md").read_text()
+    for section in ("## Model", "## Data", "## Performance", "## Intended use and limits", "## Provenance"):
+        assert section in card
+    assert "| test | best-loss | 0 | " in card and "classify `diagnosis` into AD, CN" in card
+    assert record["command_line"] in card and "sub-" not in card, "counts, never participant names"
 
 
 def test_evaluate_train_with_unequal_sets_reports_the_selected_model(trained):

@@ -27,6 +27,7 @@ from clinicadl_app.core.errors import UsageError
 from clinicadl_app.group import augment
 from clinicadl_app.group.data import ImageStore, PartDataset, image_paths, part_spec
 from clinicadl_app.group.experiment import experiment_name, network_task, select_rows, selection_metrics
+from clinicadl_app.group.model_card import write_model_card
 from clinicadl_app.group.models import build_model, load_selected, task_record
 from clinicadl_app.group.results import evaluate_group
 from clinicadl_app.group.tasks import Classification, Task, make_task
@@ -92,6 +93,7 @@ def train_maps(config: Config, folder: SplitFolder, maps: Maps,
             log.info("split-%d: already trained; skipping (remove the fold folder to train it again)", data.fold)
             continue
         train_fold(config, maps, data, transfer, report)
+    write_model_card(maps)  # the report stage writes it again with the test metrics
     return maps
 
 

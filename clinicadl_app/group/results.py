@@ -110,3 +110,39 @@ def validation_weights(maps: Maps, fold: int, metric: str, train: Train, task) -
         raise MissingInputError(f"{path}: the validation results that weigh the parts are missing; train again")
     parts = pd.read_csv(path, sep="\t")
     return task.part_weights(parts, column, train.selection_threshold)
+
+
+KEY_METRICS = {"classification": ["BA", "accuracy", "sensitivity", "specificity", "AUC", "MCC", "F1_score"],
+               "regression": ["MAE", "RMSE", "R2"], "reconstruction": ["MAE", "RMSE", "PSNR", "SSIM"]}
+
+
+def metric_tables(maps: Maps, names: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per split, mean ± sd over splits) of every group's image-level metrics, as text with 95 % intervals:
+    what the report and the model card show."""
+    rows = []
+    for fold in maps.folds():
+        for metric in maps.selection_metrics(fold):
+            for group in sorted(p.name for p in (maps.fold_dir(fold) / f"best-{metric}").iterdir() if p.is_dir()):
+                path = maps.metrics(fold, metric, group, "image")
+                frame = pd.read_csv(path, sep="\t") if path.is_file() else pd.DataFrame()
+                if frame.empty:
+                    continue
+                row: dict = {"group": group, "selection": f"best-{metric}", "split": fold}
+                for name in (n for n in names if n in frame):
+                    value = float(frame[name].iloc[0])
+                    low, high = frame.get(f"{name}_ci95_low"), frame.get(f"{name}_ci95_high")
+                    row[name] = f"{value:.3f}" + (f" [{float(low.iloc[0]):.2f}, {float(high.iloc[0]):.2f}]"
+                                                  if low is not None and high is not None else "")
+                    row[f"_{name}"] = value
+                rows.append(row)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame, frame
+    summary = []
+    for (group, selection), part in frame.groupby(["group", "selection"], sort=True):
+        entry = {"group": group, "selection": selection, "splits": len(part)}
+        for name in (n for n in names if f"_{n}" in part):
+            values = part[f"_{name}"].astype(float)
+            entry[name] = f"{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0:.3f}"
+        summary.append(entry)
+    return frame[[c for c in frame.columns if not c.startswith("_")]], pd.DataFrame(summary)

@@ -79,6 +79,10 @@ class Maps:
         return self.root / "environment.txt"
 
     @property
+    def model_card(self) -> Path:
+        return self.root / "model_card.md"
+
+    @property
     def report(self) -> Path:
         return self.root / "report.html"
 

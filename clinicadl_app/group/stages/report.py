@@ -23,13 +23,13 @@ from clinicadl_app.core.errors import UsageError
 from clinicadl_app.core.figures import pyplot
 from clinicadl_app.core.html import figure_uri, file_uri, img, page, table
 from clinicadl_app.group.experiment import experiment_name
+from clinicadl_app.group.model_card import write_model_card
+from clinicadl_app.group.results import KEY_METRICS, metric_tables
 from clinicadl_app.layouts.maps import Maps
 from clinicadl_app.layouts.splits import SplitFolder
 
 log = logging.getLogger("clinicadl_app")
 
-_KEY_METRICS = {"classification": ["BA", "accuracy", "sensitivity", "specificity", "AUC", "MCC", "F1_score"],
-                "regression": ["MAE", "RMSE", "R2"], "reconstruction": ["MAE", "RMSE", "PSNR", "SSIM"]}
 
 
 def _learning_curves(maps: Maps, task: str) -> str:
@@ -61,40 +61,11 @@ def _learning_curves(maps: Maps, task: str) -> str:
 
 
 def _metric_tables(maps: Maps, task: str) -> str:
-    rows = []
-    for fold in maps.folds():
-        for metric in maps.selection_metrics(fold):
-            for group in sorted(p.name for p in (maps.fold_dir(fold) / f"best-{metric}").iterdir()
-                                if p.is_dir()):
-                path = maps.metrics(fold, metric, group, "image")
-                if not path.is_file():
-                    continue
-                frame = pd.read_csv(path, sep="\t")
-                if frame.empty:
-                    continue
-                record = {"group": group, "selection": f"best-{metric}", "split": fold}
-                for name in _KEY_METRICS[task]:
-                    if name in frame:
-                        value = float(frame[name].iloc[0])
-                        low, high = frame.get(f"{name}_ci95_low"), frame.get(f"{name}_ci95_high")
-                        record[name] = (f"{value:.3f}" + (f" [{float(low.iloc[0]):.2f}, {float(high.iloc[0]):.2f}]"
-                                                          if low is not None and high is not None else ""))
-                        record[f"_{name}"] = value
-                rows.append(record)
-    if not rows:
+    frame, summary = metric_tables(maps, KEY_METRICS[task])
+    if frame.empty:
         return "<p>No metrics yet.</p>"
-    frame = pd.DataFrame(rows)
-    shown = [c for c in frame.columns if not c.startswith("_")]
-    summary = []
-    for (group, selection), part in frame.groupby(["group", "selection"], sort=True):
-        entry = {"group": group, "selection": selection, "splits": len(part)}
-        for name in _KEY_METRICS[task]:
-            if f"_{name}" in part:
-                values = part[f"_{name}"].astype(float)
-                entry[name] = f"{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0:.3f}"
-        summary.append(entry)
-    return ("<h3>Mean ± sd over splits</h3>" + table(pd.DataFrame(summary))
-            + "<h3>Per split (bootstrap 95 % interval, resampling participants)</h3>" + table(frame[shown]))
+    return ("<h3>Mean ± sd over splits</h3>" + table(summary)
+            + "<h3>Per split (bootstrap 95 % interval, resampling participants)</h3>" + table(frame))
 
 
 def _outcome_figures(maps: Maps, task: str, classes: list[str] | None) -> str:
@@ -212,6 +183,7 @@ def write_report(maps: Maps) -> Path:
         "<h2>Attribution and error maps</h2>", _voxel_maps(maps),
     ]
     write_text(maps.report, page(record["experiment"], body))
+    write_model_card(maps)
     log.info("report: %s", maps.report)
     return maps.report
 
