@@ -93,7 +93,8 @@ def run(config: Config) -> ExitCode:
     for participant_id, images in by_participant.items():
         write_participant_report(layout, caps, participant_id, images)
     update_qc_table(caps)
-    return summarise(outcomes, selection.skipped)
+    log.info("quality-check pages: %s (one per participant); CAPS: %s", layout.reports_dir / "sub-*.html", caps.root)
+    return summarise(outcomes, selection.skipped)  # last: the summary, and who failed
 
 
 def plan_jobs(config: Config, caps: Caps, scans: list[T1wScan]) -> list[Job]:
