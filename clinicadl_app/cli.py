@@ -141,7 +141,17 @@ def parse_args(argv: list[str] | None = None) -> Config:
         raise UsageError(f"{output_dir}: the output folder must differ from the BIDS folder")
     if bids_dir in output_dir.parents and (bids_dir / "derivatives") not in [output_dir, *output_dir.parents]:
         raise UsageError(f"{output_dir}: an output folder inside the BIDS folder must be under derivatives/")
-    return build_config(bids_dir, output_dir, level, values, namespace.config)
+    recorded = None
+    reproduce = values.get("execution", {}).get("reproduce")
+    if reproduce is not None:
+        if namespace.config is not None or level != "group":
+            raise UsageError("--reproduce takes every setting from the MAPS: use it at the group level, without "
+                             "--config")
+        from clinicadl_app.group.reproduction import recorded_settings
+
+        values["execution"]["reproduce"] = reproduce = Path(reproduce).expanduser().absolute()
+        recorded = recorded_settings(reproduce)
+    return build_config(bids_dir, output_dir, level, values, namespace.config, recorded)
 
 
 def prepare_process(config: Config) -> None:

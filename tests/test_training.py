@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -348,3 +349,64 @@ def test_transfer_single_to_multi_and_multi_to_multi_network(trivial, tmp_path):
     assert again.returncode == 0, again.stderr
     sources = [line.split(" from ")[1] for line in again.stderr.splitlines() if "transfer:" in line]
     assert sorted(s.split("/")[-1] for s in sources) == ["network-0_model.pth.tar", "network-1_model.pth.tar"], sources
+
+
+def test_reproduce_draws_the_recorded_split_and_retrains_identical_weights(trivial, tmp_path):
+    out = tmp_path / "out"
+    first = group(trivial, out, "--split", "1", "--epochs", "2", "--deterministic")
+    assert first.returncode == 0, first.stderr
+    original = maps_of(out)
+    untouched = {p: p.read_bytes() for p in original.rglob("*") if p.is_file() and p.suffix in (".json", ".tsv")}
+    reproduce = lambda bids, target, *extra: run_app(bids, target, "group", "--caps_dir", trivial / "caps",  # noqa: E731
+                                                     "--reproduce", original, *extra)
+
+    # a dataset that lost a participant draws another split: refused before training, with the reason
+    bids = tmp_path / "bids"
+    shutil.copytree(trivial / "bids", bids)
+    table = pd.read_csv(bids / "participants.tsv", sep="\t")
+    table.iloc[1:].to_csv(bids / "participants.tsv", sep="\t", index=False)
+    refused = reproduce(bids, out)
+    assert refused.returncode == ExitCode.NOT_REPRODUCED
+    assert refused.stderr.count("clinicadl-app: error:") == 1 and "split drawn again differs" in refused.stderr
+    failed = out / "maps" / f"{original.name}-reproduced"
+    assert json.loads((failed / "reproduction.json").read_text())["verdict"].startswith("not reproduced")
+    assert not list(failed.glob("split-*")) and not list((out / "splits").glob("*-reproduced"))
+
+    # the right data, into the same output folder: the same split files, bit-identical weights and metrics
+    done = reproduce(trivial / "bids", out)
+    assert done.returncode == 0, done.stderr
+    copy = out / "maps" / f"{original.name}-reproduced"
+    (split,) = [p for p in (out / "splits").iterdir() if not p.name.endswith("-reproduced")]
+    again = out / "splits" / f"{split.name}-reproduced"
+    for path in [*split.glob("*.tsv"), *split.glob("split-*/*.tsv")]:
+        if path.name != "dropped.tsv":
+            assert path.read_bytes() == (again / path.relative_to(split)).read_bytes(), path
+    models = sorted(original.glob("split-*/best-*/*.pth.tar"))
+    assert [p.relative_to(original) for p in models] == [p.relative_to(copy) for p in sorted(copy.glob(
+        "split-*/best-*/*.pth.tar"))] and [p.parts[-3] for p in models] == ["split-1", "split-1"]
+    for path in models:
+        for name, tensor in _weights(path).items():
+            assert torch.equal(tensor, _weights(copy / path.relative_to(original))[name]), name
+    result = json.loads((copy / "reproduction.json").read_text())
+    assert result["verdict"].startswith("identical") and result["split"]["identical"]
+    assert result["environment_differences"] == [] and "differ" not in done.stderr
+    assert all(m["identical"] for m in result["models"]) and len(result["models"]) == 2
+    assert result["metrics"] and all(m["difference"] == 0 for m in result["metrics"])
+    assert "identical" in (copy / "reproduction.md").read_text()
+    assert all(p.read_bytes() == text for p, text in untouched.items()), "the original MAPS is never touched"
+
+    # the MAPS alone, somewhere else, under other software: the differences are named, the split still matches
+    published = tmp_path / "published" / original.name
+    shutil.copytree(original, published)
+    environment = published / "environment.txt"
+    environment.write_text(environment.read_text().replace(f"torch {torch.__version__}", "torch 2.0.0"))
+    stranger = run_app(trivial / "bids", tmp_path / "stranger", "group", "--caps_dir", trivial / "caps",
+                       "--reproduce", published, "--stages", "labels", "split", "--batch_size", "2")
+    assert stranger.returncode == 0, stranger.stderr
+    assert f"torch {torch.__version__} (recorded 2.0.0)" in stranger.stderr
+    assert "[train] batch_size = 2 (recorded 4)" in stranger.stderr
+    assert (tmp_path / "stranger" / "splits" / f"{split.name}-reproduced" / "split.json").is_file()
+
+    both = run_app(trivial / "bids", tmp_path / "x", "group", "--reproduce", original, "--config",
+                   trivial / "experiment.toml")
+    assert both.returncode == ExitCode.USAGE and both.stderr.count("\n") == 1

@@ -17,11 +17,11 @@ import tomli_w
 
 Mode = Literal["image", "patch", "roi", "slice"]
 MODES: tuple[str, ...] = typing.get_args(Mode)
-Stage = Literal["labels", "split", "search", "train", "predict", "interpret", "report"]
+Stage = Literal["labels", "split", "search", "train", "predict", "interpret", "report", "export"]
 Augmentation = Literal["Noise", "Erasing", "CropPad", "Smoothing", "Motion", "Ghosting", "Spike", "BiasField",
                        "Flip"]
 STAGES: tuple[str, ...] = ("labels", "split", "train", "predict", "interpret", "report")
-"""The default run; search is asked for by name."""
+"""The default run; search and export are asked for by name."""
 
 
 def option(default: Any, help: str, *, flags: tuple[str, ...] = (), metavar: str | None = None) -> Any:
@@ -50,7 +50,10 @@ class Execution:
     )
     overwrite: bool = option(False, "redo subjects whose outputs are already complete")
     stages: tuple[Stage, ...] = option(STAGES, "group level: the stages to run, in this order (search: "
-                                       "see [search])", metavar="STAGE")
+                                       "see [search]; export: see [export])", metavar="STAGE")
+    reproduce: Path | None = option(
+        None, "group level: a MAPS to reproduce: labels, split and training run again from what it recorded, into "
+        "<experiment>-reproduced, and reproduction.md compares the two", metavar="MAPS_DIR")
     verbose: bool = option(False, "log debugging details")
     quiet: bool = option(False, "log warnings and errors only")
 
@@ -318,6 +321,18 @@ class Search:
 
 
 @dataclass(frozen=True)
+class Export:
+    """One archive of a trained MAPS to share (--stages export): OUTPUT_DIR/exports/<experiment>.tar.gz with the
+    selected weights, maps.json, environment, model card and image signatures; no image, no participant label.
+    --maps_dir ARCHIVE predicts and interprets with it, the content leakage checks included."""
+
+    include_participants: bool = option(False, "keep participant IDs in the archive's list of training images "
+                                        "(default: pseudonyms; the content checks work either way)")
+    card_fingerprints: bool = option(False, "list the SHA-256 of every training image's source file in the model "
+                                     "card (never names)")
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything one invocation was asked to do."""
 
@@ -333,6 +348,7 @@ class Config:
     predict: Predict = field(default_factory=Predict)
     interpret: Interpret = field(default_factory=Interpret)
     search: Search = field(default_factory=Search)
+    export: Export = field(default_factory=Export)
 
     SECTIONS: ClassVar[dict[str, type]] = {
         "execution": Execution,
@@ -344,6 +360,7 @@ class Config:
         "predict": Predict,
         "interpret": Interpret,
         "search": Search,
+        "export": Export,
     }
 
     @property

@@ -23,9 +23,11 @@ def build_config(
     analysis_level: str,
     cli_values: dict[str, dict[str, Any]],
     config_file: Path | None = None,
+    recorded: dict[str, dict[str, Any]] | None = None,
 ) -> Config:
-    """Merge defaults < config file < command line into a validated Config (UsageError otherwise)."""
-    file_values = read_config_file(config_file) if config_file else {}
+    """Merge defaults < config file (or the settings a MAPS `recorded`, for --reproduce) < command line into a
+    validated Config (UsageError otherwise)."""
+    file_values = read_config_file(config_file) if config_file else recorded or {}
     sections = {}
     for name, cls in Config.SECTIONS.items():
         merged = {**file_values.get(name, {}), **cli_values.get(name, {})}

@@ -14,6 +14,7 @@ class ExitCode(IntEnum):
     UNKNOWN_LEVEL = 17
     NO_DATA = 18
     LEAKAGE = 20  # evaluation or transfer would use data a model was trained or selected on
+    NOT_REPRODUCED = 21  # --reproduce drew another split than the recorded one
     USAGE = 64
     DATA_ERROR = 65  # some subjects (or images) failed; the run prints who and why
     MISSING_INPUT = 66
@@ -26,6 +27,8 @@ MEANINGS = {
     ExitCode.UNKNOWN_LEVEL: "unknown analysis level",
     ExitCode.NO_DATA: "the filters selected no data",
     ExitCode.LEAKAGE: "leakage: evaluating on (or transferring from) data a model was trained or selected on",
+    ExitCode.NOT_REPRODUCED: "--reproduce: the split drawn again differs from the recorded one (other labels "
+                             "or images); reproduction.md says how",
     ExitCode.USAGE: "usage error: bad option, label, configuration file or ROI mask",
     ExitCode.DATA_ERROR: "some sessions failed; the log ends with who failed and why, the others completed",
     ExitCode.MISSING_INPUT: "missing input: BIDS folder, configuration, filter file or MAPS",
@@ -60,6 +63,12 @@ class LeakageError(AppError):
     """Data seen in training would be used for evaluation (or a transfer source saw a test subject)."""
 
     exit_code = ExitCode.LEAKAGE
+
+
+class ReproductionError(AppError):
+    """A MAPS cannot be reproduced from this data: the split drawn again is not the recorded one."""
+
+    exit_code = ExitCode.NOT_REPRODUCED
 
 
 class NoDataError(AppError):

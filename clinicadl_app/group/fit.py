@@ -93,7 +93,7 @@ def train_maps(config: Config, folder: SplitFolder, maps: Maps,
             log.info("split-%d: already trained; skipping (remove the fold folder to train it again)", data.fold)
             continue
         train_fold(config, maps, data, transfer, report)
-    write_model_card(maps)  # the report stage writes it again with the test metrics
+    write_model_card(maps, config.export.card_fingerprints)  # the report stage writes it again with test metrics
     return maps
 
 

@@ -37,7 +37,7 @@ def _task(record: dict) -> list[str]:
             f"fold on validation {', '.join(record['selection_metrics'])}."]
 
 
-def _data(record: dict, folder: SplitFolder) -> list[str]:
+def _data(record: dict, folder: SplitFolder | None) -> list[str]:
     split = record["split"]
     settings = split.get("split", {})
     lines = [f"- **Labels**: column `{record['label']}` of participants.tsv (labels file SHA-256 "
@@ -48,10 +48,25 @@ def _data(record: dict, folder: SplitFolder) -> list[str]:
              + f", seed {settings.get('seed')}, age and sex balance checked (p >= {settings.get('p_age')}, "
              f"{settings.get('p_sex')}); membership SHA-256 `{record.get('split_membership_sha256', 'n/a')[:16]}...` "
              "(a MAPS is bound to it)."]
-    if folder.population_table.is_file():
+    if folder is not None and folder.population_table.is_file():
         lines += ["", "Participants and sessions per set and class (age in years, sex counts):", "",
                   markdown_table(pd.read_csv(folder.population_table, sep="\t", keep_default_na=False))]
+    elif split.get("counts"):  # an exported MAPS: the split folder stayed home, its counts came along
+        counts = pd.DataFrame([{"set": name, **count} for name, count in split["counts"].items()])
+        lines += ["", "Participants and sessions per set:", "", markdown_table(counts)]
     return lines
+
+
+def _fingerprints(maps: Maps) -> list[str]:
+    """The SHA-256 of every training image's source file, sorted, without names: anyone holding a scan can
+    tell whether it was trained on, and nobody learns who was."""
+    if not maps.seen.is_file():
+        return ["No record of the training images."]
+    seen = pd.read_csv(maps.seen, sep="\t", dtype=str, keep_default_na=False)
+    digests = sorted(set(seen.get("source_sha256", pd.Series(dtype=str))) - {""})
+    return [f"SHA-256 of the {len(digests)} source file(s) (BIDS T1w) of every image used for training or model "
+            "selection, sorted; anatomy signatures are in groups/train+validation_signatures.npz.", "", "```",
+            *digests, "```"]
 
 
 def _metrics(maps: Maps, task: str) -> list[str]:
@@ -67,11 +82,15 @@ def _limits(record: dict) -> list[str]:
         "- Research use only: not a medical device, not for diagnosis of individuals.",
         "- Inputs must be t1-linear images as made by this app or Clinica (same template, crop and intensity "
         "handling); other preprocessing gives meaningless outputs.",
-        f"- Validated only on the groups above, drawn from `{record.get('bids_directory')}`; other scanners, "
+        f"- Validated only on the groups above, drawn from `{_trained_from(record)}`; other scanners, "
         "sites, ages or diseases are untested. Small test sets give wide intervals: read them.",
         "- `predict` refuses images this model was trained or selected on (labels, file hashes and anatomy "
         "signatures in groups/): use it, not a hand-written loader, to evaluate.",
     ]
+
+
+def _trained_from(record: dict) -> str:
+    return record.get("bids_directory") or (record.get("exported") or {}).get("trained_from", {}).get("bids_directory")
 
 
 def _provenance(maps: Maps, record: dict) -> list[str]:
@@ -85,11 +104,14 @@ def _provenance(maps: Maps, record: dict) -> list[str]:
             "", "```", environment, "```"]
 
 
-def write_model_card(maps: Maps) -> None:
+def write_model_card(maps: Maps, fingerprints: bool = False) -> None:
+    """`fingerprints`: also list the training images' source SHA-256 ([export] card_fingerprints)."""
     record = json.loads(maps.record.read_text())
-    folder = SplitFolder(maps.recorded(record["split_directory"]))
+    folder = SplitFolder(maps.recorded(record["split_directory"])) if record.get("split_directory") else None
     sections = [f"# Model card: {record['experiment']}", "",
                 "## Model", *_task(record), "", "## Data", *_data(record, folder), "",
                 "## Performance", *_metrics(maps, record["task"]), "", "## Intended use and limits",
                 *_limits(record), "", "## Provenance", *_provenance(maps, record), ""]
+    if fingerprints:
+        sections += ["## Training fingerprints", *_fingerprints(maps), ""]
     write_text(maps.model_card, "\n".join(sections))

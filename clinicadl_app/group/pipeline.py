@@ -1,23 +1,26 @@
 """Group level: the named stages (stages/) run in order; each reads what the previous ones wrote to disk.
 
-labels -> split [-> search] -> train -> predict -> interpret -> report. Stages are imported when asked for, so a run of
-the labels and split stages never loads torch.
+labels -> split [-> search] -> train -> predict -> interpret -> report [-> export]. Stages are imported when asked
+for, so a run of the labels and split stages never loads torch. --maps_dir may name an exported archive: it is
+unpacked into OUTPUT_DIR/maps/ first, and the stages see a MAPS folder.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from clinicadl_app.core.atomic import write_text
 from clinicadl_app.core.config import Config
 from clinicadl_app.core.errors import ExitCode, UsageError
 from clinicadl_app.core.logs import log_to_file
+from clinicadl_app.layouts.maps import Maps
 from clinicadl_app.layouts.output import OutputLayout
 from clinicadl_app.layouts.splits import SplitFolder
 
 log = logging.getLogger("clinicadl_app")
 
-IMPLEMENTED = ("labels", "split", "search", "train", "predict", "interpret", "report")
+IMPLEMENTED = ("labels", "split", "search", "train", "predict", "interpret", "report", "export")
 
 
 def run(config: Config) -> ExitCode:
@@ -33,6 +36,11 @@ def run(config: Config) -> ExitCode:
     log_to_file(layout.run_record("group", ".log"))
     write_text(layout.run_record("group", ".toml"), config.to_toml())
     folder = SplitFolder(layout.splits_dir / config.labels.folder)
+    if config.predict.maps_dir is not None and config.predict.maps_dir.is_file():
+        from clinicadl_app.group.archive import unpack
+
+        config = replace(config, predict=replace(config.predict, maps_dir=unpack(config.predict.maps_dir,
+                                                                                  layout.maps_dir)))
     if {"search", "train", "predict", "interpret"} & set(stages):
         import torch
 
@@ -40,6 +48,12 @@ def run(config: Config) -> ExitCode:
 
         keep_freed_memory()
         torch.set_num_threads(config.execution.cpus)
+    reproduction = None
+    if config.execution.reproduce is not None:
+        from clinicadl_app.group.reproduction import Reproduction
+
+        reproduction = Reproduction.open(config.execution.reproduce)
+        reproduction.announce(config)
     if "labels" in stages:
         from clinicadl_app.group.stages.labels import run_labels
 
@@ -48,6 +62,8 @@ def run(config: Config) -> ExitCode:
         from clinicadl_app.group.stages.split import run_split
 
         run_split(config, folder)
+        if reproduction is not None:  # before any training: another draw makes the rest meaningless
+            reproduction.check_split(folder, Maps(layout.maps_dir / config.train.experiment))
     if "search" in stages:
         from clinicadl_app.group.stages.search import run_search
 
@@ -55,7 +71,9 @@ def run(config: Config) -> ExitCode:
     if "train" in stages:
         from clinicadl_app.group.stages.train import run_training
 
-        run_training(config, layout.splits_dir, layout.maps_dir)
+        maps = run_training(config, layout.splits_dir, layout.maps_dir)
+        if reproduction is not None:
+            reproduction.compare(folder, maps)
     if "predict" in stages:
         from clinicadl_app.group.stages.predict import run_predict
 
@@ -69,4 +87,8 @@ def run(config: Config) -> ExitCode:
 
         report = run_report(config, layout.maps_dir)
         log.info("open %s (results); participant quality-check pages: %s", report, layout.reports_dir / "sub-*.html")
+    if "export" in stages:
+        from clinicadl_app.group.stages.export import run_export
+
+        run_export(config, layout.maps_dir)
     return ExitCode.OK

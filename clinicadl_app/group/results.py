@@ -6,6 +6,7 @@ group being evaluated never weighs its own parts (except the validation group it
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -106,6 +107,8 @@ def validation_weights(maps: Maps, fold: int, metric: str, train: Train, task) -
     if not column:
         return None
     path = maps.prediction(fold, metric, "validation", train.mode)
+    if not path.is_file() and maps.vote_weights(fold, metric).is_file():  # an exported MAPS carries the weights
+        return {int(k): float(v) for k, v in json.loads(maps.vote_weights(fold, metric).read_text()).items()}
     if not path.is_file():
         raise MissingInputError(f"{path}: the validation results that weigh the parts are missing; train again")
     parts = pd.read_csv(path, sep="\t")

@@ -11,6 +11,10 @@ maps/<experiment>/ (or search/<study>/trial-<number>/, one per search trial)
   split-N/tmp/[network-P/]checkpoint.pth.tar  only while training runs or after a crash
   split-N/best-<metric>/model.pth.tar, or network-P_model.pth.tar per network (ClinicaDL 1.6.1's names)
   split-N/best-<metric>/<group>/<group>_<level>_level_{prediction,metrics}.tsv, description.log
+  split-N/best-<metric>/validation/vote_weights.json   part weights, in an exported MAPS (no predictions)
+  model_card.md, report.html
+  export.json                                 an unpacked archive's record: what it holds, each file's SHA-256
+  reproduction.{json,md}                      a MAPS made by --reproduce: how it compares with the original
 """
 
 from __future__ import annotations
@@ -87,6 +91,18 @@ class Maps:
         return self.root / "report.html"
 
     @property
+    def export_record(self) -> Path:
+        return self.root / "export.json"
+
+    @property
+    def reproduction(self) -> Path:
+        return self.root / "reproduction.json"
+
+    @property
+    def reproduction_summary(self) -> Path:
+        return self.root / "reproduction.md"
+
+    @property
     def seen(self) -> Path:
         """Sessions used for training or model selection, including transfer sources'."""
         return self.root / "groups" / f"{TRAIN_VALIDATION}.tsv"
@@ -159,6 +175,10 @@ class Maps:
 
     def metrics(self, fold: int, metric: str, group: str, level: str) -> Path:
         return self.result_dir(fold, metric, group) / f"{group}_{level}_level_metrics.tsv"
+
+    def vote_weights(self, fold: int, metric: str) -> Path:
+        """Part weights carried by an exported MAPS instead of the validation predictions they come from."""
+        return self.result_dir(fold, metric, "validation") / "vote_weights.json"
 
     def description(self, fold: int, metric: str, group: str) -> Path:
         return self.result_dir(fold, metric, group) / "description.log"

@@ -18,7 +18,7 @@ from clinicadl_app.layouts.caps import CapsImage
 
 BIDS_VERSION = "1.9.0"
 # no trailing slash: bids-validator-deno 3 does not match "dir/" against the folder itself
-_IGNORED = ("caps", "reports", "logs", "splits", "maps", "search", "work")
+_IGNORED = ("caps", "reports", "logs", "splits", "maps", "search", "exports", "work")
 
 
 def container() -> dict[str, str] | None:
@@ -56,6 +56,10 @@ class OutputLayout:
     @property
     def maps_dir(self) -> Path:
         return self.root / "maps"
+
+    def export(self, experiment: str) -> Path:
+        """The archive --stages export writes for a MAPS, the file --maps_dir accepts elsewhere."""
+        return self.root / "exports" / f"{experiment}.tar.gz"
 
     @property
     def splits_dir(self) -> Path:

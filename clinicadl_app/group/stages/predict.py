@@ -26,6 +26,7 @@ from clinicadl_app.core.atomic import write_json, write_tsv
 from clinicadl_app.core.config import Config, Extraction, Labels, Train, plain
 from clinicadl_app.core.config_file import section_from
 from clinicadl_app.core.errors import LeakageError, MissingInputError, UsageError
+from clinicadl_app.group.archive import exported, pseudonymised
 from clinicadl_app.group.data import ImageStore, PartDataset, image_paths, part_spec
 from clinicadl_app.group.experiment import experiment_name, select_rows
 from clinicadl_app.group.leakage import Overlap, Seen, overlap, same_place
@@ -42,7 +43,10 @@ log = logging.getLogger("clinicadl_app")
 
 def check_split(maps: Maps, record: dict) -> SplitFolder | None:
     """The MAPS's split folder, refused when its sets are no longer those the models were trained on (a split
-    redrawn with --overwrite could put training subjects in the test set). None when it is not at hand."""
+    redrawn with --overwrite could put training subjects in the test set). None when it is not at hand (an
+    exported MAPS carries no split)."""
+    if not record.get("split_directory"):
+        return None
     folder = SplitFolder(maps.recorded(record["split_directory"]))
     if not folder.record.is_file():
         return None
@@ -62,6 +66,9 @@ def group_rows(config: Config, maps: Maps, record: dict, caps: Caps) -> tuple[pd
     shadow = Config(config.bids_dir, config.output_dir, "group", labels=labels,
                     train=section_from(Train, record["train"]))
     if group == "test":  # the MAPS's own split's test set, wherever the MAPS is
+        if exported(record):
+            raise MissingInputError(f"{maps.root}: unpacked from an exported archive, which carries no test set; "
+                                    "predict a dataset with --group_name NAME")
         folder = check_split(maps, record)
         if folder is None:
             raise MissingInputError(f"{maps.resolve(record['split_directory'], 'split folder')}: no split.json; "
@@ -116,6 +123,9 @@ def run_predict(config: Config, maps_dir: Path) -> Maps | None:
                            + ". Predicting on it would report training performance as test performance; "
                            f"remove these images, or pass {waiver} to do it anyway (it is recorded)")
     checks = found.record(skip_labels, skip_content)
+    if pseudonymised(record):
+        checks["labels"] = "not possible: the exported MAPS names no participant (pseudonyms); content was checked"
+        log.warning("%s: exported without participant labels; images were checked by content only", maps.root)
     leak_check = "passed" if not found else "skipped by request: " + "; ".join(found.labels + found.content)
     if found:
         log.warning("leakage check waived on request: %s", "; ".join(found.labels + found.content))

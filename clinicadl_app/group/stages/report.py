@@ -138,13 +138,13 @@ def _voxel_maps(maps: Maps) -> str:
     return "".join(figures) or "<p>No interpretation yet (stage interpret).</p>"
 
 
-def write_report(maps: Maps) -> Path:
+def write_report(maps: Maps, fingerprints: bool = False) -> Path:
     record = json.loads(maps.record.read_text())
     task = record["task"]
     environment = maps.environment.read_text().split("packages:")[0] if maps.environment.exists() else ""
-    folder = SplitFolder(maps.recorded(record["split_directory"]))
+    folder = SplitFolder(maps.recorded(record["split_directory"])) if record.get("split_directory") else None
     population = ""
-    if folder.population_table.is_file():
+    if folder is not None and folder.population_table.is_file():
         population = table(pd.read_csv(folder.population_table, sep="\t"))
         if folder.population_figure.is_file():
             population += img(file_uri(folder.population_figure), "population of the split")
@@ -183,7 +183,7 @@ def write_report(maps: Maps) -> Path:
         "<h2>Attribution and error maps</h2>", _voxel_maps(maps),
     ]
     write_text(maps.report, page(record["experiment"], body))
-    write_model_card(maps)
+    write_model_card(maps, fingerprints)
     log.info("report: %s", maps.report)
     return maps.report
 
@@ -198,4 +198,4 @@ def run_report(config: Config, maps_dir: Path) -> Path:
     maps = Maps(config.predict.maps_dir or maps_dir / experiment_name(config))
     if not maps.record.is_file():
         raise UsageError(f"{maps.root}: no MAPS to report on; train first or give --maps_dir")
-    return write_report(maps)
+    return write_report(maps, config.export.card_fingerprints)
