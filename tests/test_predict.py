@@ -3,9 +3,11 @@ datasets are made from the 3 brains the model never saw."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
+import tarfile
 from pathlib import Path
 
 import nibabel as nib
@@ -16,6 +18,8 @@ import torch
 
 from clinicadl_app.core.errors import ExitCode
 from clinicadl_app.generate import Trivial, generate_trivial
+from clinicadl_app.group.model_card import training_fingerprints
+from clinicadl_app.layouts.maps import Maps
 
 from .conftest import TRIVIAL_SPLIT, run_app, source_brains, subset_caps
 
@@ -187,3 +191,84 @@ def test_bad_maps_are_refused_without_losing_anything(full_run, brains, tmp_path
     for path, content in before.items():
         assert path.read_bytes() == content, f"{path} changed"
     assert torch.load(copy / "split-1" / "best-loss" / "model.pth.tar", weights_only=True)["model"]
+
+
+def test_exported_archive_predicts_elsewhere_and_still_refuses_a_renamed_training_image(full_run, brains, tmp_path):
+    root, maps = full_run
+    out = maps.parent.parent
+    done = run_app(root / "data" / "bids", out, "group", "--stages", "export", "--maps_dir", maps,
+                   "--card_fingerprints")
+    assert done.returncode == 0, done.stderr
+    archive = out / "exports" / f"{maps.name}.tar.gz"
+    seen = pd.read_csv(maps / "groups" / "train+validation.tsv", sep="\t", dtype=str)
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+        texts = {n: tar.extractfile(n).read().decode() for n in names if n.endswith((".tsv", ".json", ".md", ".txt"))}
+    assert not [n for n in names if n.endswith((".nii.gz", ".pt", "_prediction.tsv", "data.tsv"))], "no image, no list"
+    assert len([n for n in names if n.endswith("model.pth.tar")]) == 4
+    everyone = set(pd.read_csv(root / "data" / "bids" / "participants.tsv", sep="\t").participant_id)
+    assert not [(n, p) for n, text in texts.items() for p in everyone if p in text], "participants are pseudonymised"
+    card = texts[f"{maps.name}/model_card.md"]
+    assert "## Training fingerprints" in card
+    assert f"{seen.source_sha256.isna().sum()} image(s) have no recorded source file" in card  # generated data
+
+    # predicted in another output folder from the archive alone: the same probabilities as the MAPS gives
+    data = _new_dataset(tmp_path, brains[1], "SHARED")
+    elsewhere = tmp_path / "elsewhere"
+    direct = predict(data, tmp_path / "direct", maps, "shared-direct")
+    shared = predict(data, elsewhere, archive, "shared")
+    assert direct.returncode == 0 and shared.returncode == 0, shared.stderr
+    unpacked = elsewhere / "maps" / maps.name
+    for fold in (0, 1):
+        ours = pd.read_csv(unpacked / f"split-{fold}" / "best-loss" / "shared" / "shared_image_level_prediction.tsv",
+                           sep="\t")
+        theirs = pd.read_csv(maps / f"split-{fold}" / "best-loss" / "shared-direct" /
+                             "shared-direct_image_level_prediction.tsv", sep="\t")
+        pd.testing.assert_frame_equal(ours, theirs)
+    record = json.loads((unpacked / "groups" / "shared" / "maps.json").read_text())
+    assert record["content_check"] == "passed" and record["label_check"].startswith("not possible")
+    interpreted = run_app(data / "bids", elsewhere, "group", "--stages", "interpret", "--maps_dir", archive,
+                          "--group_name", "shared", "--caps_dir", data / "caps", "--methods", "gradients")
+    assert interpreted.returncode == 0, interpreted.stderr
+    assert list(unpacked.glob("split-0/best-loss/shared/interpret-gradients/group-shared_label-AD_*_mean.nii.gz"))
+    test_set = predict(data, elsewhere, archive, "test")
+    assert test_set.returncode == ExitCode.MISSING_INPUT and "carries no test set" in test_set.stderr
+
+    # a training image under a new name, checked against the archive's pseudonymised signatures
+    (source,) = (root / "data" / "caps" / "subjects" / seen.participant_id.iloc[0] / "ses-M000" / "t1_linear").glob(
+        "*.nii.gz")
+    renamed = tmp_path / "renamed"
+    target = renamed / "caps" / "subjects" / "sub-RENAMED" / "ses-M000" / "t1_linear"
+    target.mkdir(parents=True)
+    shutil.copyfile(source, target / source.name.replace(seen.participant_id.iloc[0], "sub-RENAMED"))
+    (renamed / "bids").mkdir()
+    (renamed / "bids" / "participants.tsv").write_text("participant_id\tdiagnosis\nsub-RENAMED\tAD\n")
+    refused = predict(renamed, elsewhere, archive, "renamed")
+    assert refused.returncode == ExitCode.LEAKAGE, refused.stderr
+    assert "same scan" in refused.stderr and "sub-RENAMED" in refused.stderr
+    assert seen.participant_id.iloc[0] not in refused.stderr
+
+    # an edited archive: one line, nothing unpacked
+    edited = tmp_path / "edited.tar.gz"
+    with tarfile.open(archive) as tar, tarfile.open(edited, "w:gz") as copy:
+        for member in tar.getmembers():
+            content = tar.extractfile(member).read()
+            if member.name.endswith("split-0/best-loss/model.pth.tar"):
+                content = content[:-8] + bytes(8)
+            member.size = len(content)
+            copy.addfile(member, io.BytesIO(content))
+    damaged = predict(data, tmp_path / "third", edited, "shared")
+    assert damaged.returncode == ExitCode.DATA_ERROR and "changed since export" in damaged.stderr
+    assert damaged.stderr.count("\n") == 1 and not (tmp_path / "third" / "maps" / maps.name).exists()
+
+
+def test_model_card_fingerprints_list_source_digests_without_names(tmp_path):
+    maps = Maps(tmp_path / "maps" / "experiment")
+    maps.seen.parent.mkdir(parents=True)
+    digests = ["b" * 64, "a" * 64]
+    pd.DataFrame({"participant_id": ["sub-01", "sub-02", "sub-03"], "session_id": ["ses-M000"] * 3,
+                  "source_sha256": [*digests, ""]}).to_csv(maps.seen, sep="\t", index=False)
+    lines = training_fingerprints(maps)
+    assert lines[lines.index("```") + 1:-1] == sorted(digests), "sorted, one per line"
+    assert "1 image(s) have no recorded source file" in "\n".join(lines)
+    assert not [line for line in lines if "sub-0" in line]

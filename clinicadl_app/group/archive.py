@@ -104,7 +104,8 @@ def _write_seen(maps: Maps, stage: Maps, include_participants: bool) -> None:
         # ordered by a hash of the label, so the pseudonyms keep neither the labels nor their order
         order = sorted(everyone, key=lambda p: hashlib.sha256(p.encode()).hexdigest())
         names = {p: f"sub-seen{i:04d}" for i, p in enumerate(order)}
-        seen = seen.assign(participant_id=seen.participant_id.map(names))
+        # the CAPS path of each image names its participant too
+        seen = seen.assign(participant_id=seen.participant_id.map(names)).drop(columns=["image"], errors="ignore")
         if signatures is not None:
             keys = signatures.keys.assign(participant_id=signatures.keys.participant_id.map(names))
             signatures = Signatures(keys, signatures.matrix)

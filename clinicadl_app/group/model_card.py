@@ -57,16 +57,21 @@ def _data(record: dict, folder: SplitFolder | None) -> list[str]:
     return lines
 
 
-def _fingerprints(maps: Maps) -> list[str]:
+def training_fingerprints(maps: Maps) -> list[str]:
     """The SHA-256 of every training image's source file, sorted, without names: anyone holding a scan can
     tell whether it was trained on, and nobody learns who was."""
     if not maps.seen.is_file():
         return ["No record of the training images."]
     seen = pd.read_csv(maps.seen, sep="\t", dtype=str, keep_default_na=False)
-    digests = sorted(set(seen.get("source_sha256", pd.Series(dtype=str))) - {""})
-    return [f"SHA-256 of the {len(digests)} source file(s) (BIDS T1w) of every image used for training or model "
-            "selection, sorted; anatomy signatures are in groups/train+validation_signatures.npz.", "", "```",
-            *digests, "```"]
+    sources = seen.get("source_sha256", pd.Series("", index=seen.index))
+    digests = sorted(set(sources) - {""})
+    lines = [f"SHA-256 of the {len(digests)} source file(s) (BIDS T1w) of the images used for training or model "
+             "selection, sorted; anatomy signatures of every image are in groups/train+validation_signatures.npz."]
+    unknown = int((sources == "").sum())
+    if unknown:
+        lines.append(f"{unknown} image(s) have no recorded source file (made by another tool, or generated): only "
+                     "their anatomy signatures identify them.")
+    return [*lines, "", "```", *digests, "```"]
 
 
 def _metrics(maps: Maps, task: str) -> list[str]:
@@ -113,5 +118,5 @@ def write_model_card(maps: Maps, fingerprints: bool = False) -> None:
                 "## Performance", *_metrics(maps, record["task"]), "", "## Intended use and limits",
                 *_limits(record), "", "## Provenance", *_provenance(maps, record), ""]
     if fingerprints:
-        sections += ["## Training fingerprints", *_fingerprints(maps), ""]
+        sections += ["## Training fingerprints", *training_fingerprints(maps), ""]
     write_text(maps.model_card, "\n".join(sections))
