@@ -113,3 +113,12 @@ def test_the_container_is_named_with_its_digest_when_known(monkeypatch):
     monkeypatch.delenv("CLINICADL_APP_IMAGE_DIGEST")
     monkeypatch.setenv("APPTAINER_CONTAINER", "/images/clinicadl-app_0.1.0.sif")
     assert container() == {"Type": "singularity", "Tag": "clinicadl-app:0.1.0", "URI": "/images/clinicadl-app_0.1.0.sif"}
+
+
+def test_readme_lists_every_exit_code_the_app_uses():
+    from clinicadl_app.core.errors import MEANINGS, ExitCode
+
+    table = (ROOT / "README.md").read_text().split("### Exit codes", 1)[1].split("Any other code", 1)[0]
+    listed = {int(line.split("|")[1]) for line in table.splitlines() if line.startswith("| ") and
+              line.split("|")[1].strip().isdigit()}
+    assert listed == {int(code) for code in ExitCode} == {int(code) for code in MEANINGS}
