@@ -407,6 +407,15 @@ def test_reproduce_draws_the_recorded_split_and_retrains_identical_weights(trivi
     assert "[train] batch_size = 2 (recorded 4)" in stranger.stderr
     assert (tmp_path / "stranger" / "splits" / f"{split.name}-reproduced" / "split.json").is_file()
 
+    # an exported archive is a recorded MAPS too: unpacked, its split drawn again and matched by its hash
+    exported = run_app(trivial / "bids", out, "group", "--stages", "export", "--maps_dir", original)
+    assert exported.returncode == 0, exported.stderr
+    archive = out / "exports" / f"{original.name}.tar.gz"
+    from_archive = run_app(trivial / "bids", tmp_path / "receiver", "group", "--caps_dir", trivial / "caps",
+                           "--reproduce", archive, "--stages", "labels", "split")
+    assert from_archive.returncode == 0, from_archive.stderr
+    assert (tmp_path / "receiver" / "maps" / original.name / "export.json").is_file()
+
     both = run_app(trivial / "bids", tmp_path / "x", "group", "--reproduce", original, "--config",
                    trivial / "experiment.toml")
     assert both.returncode == ExitCode.USAGE and both.stderr.count("\n") == 1

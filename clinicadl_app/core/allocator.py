@@ -39,15 +39,35 @@ def preloaded() -> str | None:
     return None
 
 
+MIMALLOC_ENV = {"MIMALLOC_PURGE_DELAY": "-1", "MIMALLOC_ARENA_EAGER_COMMIT": "1"}
+"""mimalloc keeps freed memory (no purging) and commits its arenas at once."""
+
+
+def system_tcmalloc() -> Path | None:
+    return next((Path(path) for path in _TCMALLOC if Path(path).exists()), None)
+
+
+def wheel_mimalloc() -> Path | None:
+    """libmimalloc from the cmeel-mimalloc wheel, when pip installed it."""
+    try:
+        from importlib.metadata import distribution
+
+        found = [Path(str(distribution("cmeel-mimalloc").locate_file(f))) for f in
+                 distribution("cmeel-mimalloc").files or [] if f.name.startswith("libmimalloc.so.")]
+    except Exception:  # noqa: BLE001 - not installed, or installed oddly: glibc it is
+        return None
+    return next((path for path in sorted(found) if path.exists()), None)
+
+
 def restart_with_tcmalloc() -> None:
     """Re-execute this command with tcmalloc preloaded when the system has it (once; never under tests)."""
     if os.environ.get(_GUARD) or preloaded() or not sys.platform.startswith("linux"):
         return
-    library = next((path for path in _TCMALLOC if Path(path).exists()), None)
+    library = system_tcmalloc()
     if library is None:
         return
     env = dict(os.environ, **{_GUARD: "1"})
-    env["LD_PRELOAD"] = ":".join(filter(None, [library, env.get("LD_PRELOAD")]))
+    env["LD_PRELOAD"] = ":".join(filter(None, [str(library), env.get("LD_PRELOAD")]))
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 

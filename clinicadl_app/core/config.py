@@ -52,8 +52,8 @@ class Execution:
     stages: tuple[Stage, ...] = option(STAGES, "group level: the stages to run, in this order (search: "
                                        "see [search]; export: see [export])", metavar="STAGE")
     reproduce: Path | None = option(
-        None, "group level: a MAPS to reproduce: labels, split and training run again from what it recorded, into "
-        "<experiment>-reproduced, and reproduction.md compares the two", metavar="MAPS_DIR")
+        None, "group level: a MAPS (or an exported archive) to reproduce: labels, split and training run again from "
+        "what it recorded, into <experiment>-reproduced, and reproduction.md compares the two", metavar="MAPS_DIR")
     verbose: bool = option(False, "log debugging details")
     quiet: bool = option(False, "log warnings and errors only")
 

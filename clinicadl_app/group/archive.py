@@ -145,13 +145,25 @@ def _write_tar(folder: Path, target: Path) -> None:
                 tar.addfile(info, stream)
 
 
+def archived_record(archive: Path) -> dict:
+    """maps.json of an archive, read without unpacking it."""
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            (member,) = [m for m in tar.getmembers() if m.isfile() and Path(m.name).parts[1:] == ("maps.json",)]
+            return json.loads(tar.extractfile(member).read())
+    except (tarfile.TarError, EOFError, OSError, ValueError) as error:
+        raise InputDataError(f"{archive}: not a readable MAPS archive ({type(error).__name__}: {error}); "
+                             f"{_FIX}") from None
+
+
 def unpack(archive: Path, maps_dir: Path) -> Path:
     """The MAPS folder an archive unpacks to under maps_dir; checked file by file, never trusted blindly."""
     try:
         with tarfile.open(archive, "r:gz") as tar:
             members = tar.getmembers()
             tops = {Path(m.name).parts[0] for m in members if Path(m.name).parts}
-            if len(tops) != 1 or not _NAME.match(next(iter(tops))) or any(not m.isfile() for m in members):
+            unsafe = [m for m in members if not m.isfile() or Path(m.name).is_absolute() or ".." in Path(m.name).parts]
+            if len(tops) != 1 or not _NAME.match(next(iter(tops))) or unsafe:
                 raise InputDataError(f"{archive}: not a clinicadl-app MAPS archive (one folder of plain files "
                                      f"expected); {_FIX}")
             name = tops.pop()
@@ -169,7 +181,8 @@ def unpack(archive: Path, maps_dir: Path) -> Path:
                                      f"{archive}; use another OUTPUT_DIR, or predict with that MAPS folder")
                 maps_dir.mkdir(parents=True, exist_ok=True)
                 with tempfile.TemporaryDirectory(dir=maps_dir, prefix=".unpack-") as scratch:
-                    tar.extractall(scratch, filter="data")
+                    # plain files under one folder (checked above); tarfile's own filter too where it has one
+                    tar.extractall(scratch, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
                     _verify(Path(scratch) / name, manifest, archive)
                     os.replace(Path(scratch) / name, target)
     except (tarfile.TarError, EOFError, OSError, KeyError, json.JSONDecodeError) as error:

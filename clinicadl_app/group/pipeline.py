@@ -50,9 +50,11 @@ def run(config: Config) -> ExitCode:
         torch.set_num_threads(config.execution.cpus)
     reproduction = None
     if config.execution.reproduce is not None:
+        from clinicadl_app.group.archive import unpack
         from clinicadl_app.group.reproduction import Reproduction
 
-        reproduction = Reproduction.open(config.execution.reproduce)
+        original = config.execution.reproduce
+        reproduction = Reproduction.open(unpack(original, layout.maps_dir) if original.is_file() else original)
         reproduction.announce(config)
     if "labels" in stages:
         from clinicadl_app.group.stages.labels import run_labels

@@ -27,6 +27,7 @@ from clinicadl_app.core.atomic import write_json, write_text
 from clinicadl_app.core.config import Config, Labels, plain
 from clinicadl_app.core.config_file import section_from
 from clinicadl_app.core.errors import ReproductionError
+from clinicadl_app.group.archive import archived_record
 from clinicadl_app.group.model_card import markdown_table
 from clinicadl_app.group.models import open_maps
 from clinicadl_app.group.results import KEY_METRICS
@@ -42,8 +43,9 @@ _SOFTWARE = ("clinicadl-app", "python", "torch", "cuda", "cudnn", "container")
 
 
 def recorded_settings(maps_dir: Path) -> dict[str, dict]:
-    """The sections a MAPS recorded, renamed for the reproduction: the base the command line overrides."""
-    _, record = open_maps(maps_dir)
+    """The sections a MAPS (or an exported archive of one) recorded, renamed for the reproduction: the base
+    the command line overrides."""
+    record = archived_record(maps_dir) if maps_dir.is_file() else open_maps(maps_dir)[1]
     folder = section_from(Labels, record["labels"]).folder
     return {"labels": {**record["labels"], "name": folder + SUFFIX},
             "split": dict(record["split"]["split"]),
@@ -112,7 +114,8 @@ class Reproduction:
         split = self.check_split(folder, new)
         split["files"] = {f"groups/{group}/split-{fold}/data.tsv": _same_bytes(
             self.original.group_data(group, fold), new.group_data(group, fold))
-            for fold in new.folds() for group in ("train", "validation")}
+            for fold in new.folds() for group in ("train", "validation")
+            if self.original.group_data(group, fold).is_file()}  # an exported MAPS carries none: the hash decides
         models, metrics = self._models(new), self._metrics(new)
         identical = split["identical"] and all(split["files"].values()) and bool(models) \
             and all(m["identical"] for m in models) and all(m["difference"] == 0 for m in metrics)
