@@ -89,12 +89,13 @@ methods = ["gradients"]
 @pytest.mark.slow
 def test_a_2d_network_learns_shepplogan_through_the_default_group_run(tmp_path):
     data = tmp_path / "shep"
-    assert generate_main(["shepplogan", str(data), "--n_subjects", "50", "--image_size", "64", "--seed", "1"]) == 0
+    assert generate_main(["shepplogan", str(data), "--n_subjects", "100", "--image_size", "64", "--seed", "1"]) == 0
     (tmp_path / "run.toml").write_text(SHEPPLOGAN_RUN)
     done = run_app(data / "bids", tmp_path / "out", "group", "--caps_dir", data / "caps", "--config", tmp_path / "run.toml")
     assert done.returncode == 0, done.stderr
     (maps,) = (tmp_path / "out" / "maps").iterdir()
     metrics = pd.read_csv(maps / "split-0" / "best-loss" / "test" / "test_image_level_metrics.tsv", sep="\t")
+    # 100 phantoms per class: with 50 the held-out BA measured 0.85 on one CPU and >= 0.9 on another
     assert metrics.BA.iloc[0] >= 0.9
     assert "no content signature" in done.stderr, "2D phantoms are not compared by content (they share an outline)"
     assert list((maps / "split-0" / "best-loss" / "test" / "interpret-gradients").glob("*_mode-slice_*_mean.nii.gz"))

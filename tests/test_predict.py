@@ -170,6 +170,10 @@ def test_unlabelled_dataset_gets_predictions_without_metrics(full_run, brains, t
     prediction = pd.read_csv(maps / "split-0" / "best-loss" / "unlabelled" / "unlabelled_image_level_prediction.tsv",
                              sep="\t")
     assert len(prediction) == 6 and prediction.proba0.notna().all()
+    # a group without metrics leaves an empty metrics file: the report and the model card skip it
+    report = run_app(data / "bids", tmp_path / "out", "group", "--stages", "report", "--maps_dir", maps)
+    assert report.returncode == 0, report.stderr
+    assert "unlabelled" not in (maps / "model_card.md").read_text()
 
 
 def test_bad_maps_are_refused_without_losing_anything(full_run, brains, tmp_path):

@@ -115,6 +115,14 @@ def validation_weights(maps: Maps, fold: int, metric: str, train: Train, task) -
     return task.part_weights(parts, column, train.selection_threshold)
 
 
+def _read_metrics(path) -> pd.DataFrame:
+    """A group's metrics row; none when the group had no labels (predicted without metrics: an empty file)."""
+    try:
+        return pd.read_csv(path, sep="\t") if path.is_file() else pd.DataFrame()
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+
+
 KEY_METRICS = {"classification": ["BA", "accuracy", "sensitivity", "specificity", "AUC", "MCC", "F1_score"],
                "regression": ["MAE", "RMSE", "R2"], "reconstruction": ["MAE", "RMSE", "PSNR", "SSIM"]}
 
@@ -127,7 +135,7 @@ def metric_tables(maps: Maps, names: list[str]) -> tuple[pd.DataFrame, pd.DataFr
         for metric in maps.selection_metrics(fold):
             for group in sorted(p.name for p in (maps.fold_dir(fold) / f"best-{metric}").iterdir() if p.is_dir()):
                 path = maps.metrics(fold, metric, group, "image")
-                frame = pd.read_csv(path, sep="\t") if path.is_file() else pd.DataFrame()
+                frame = _read_metrics(path)
                 if frame.empty:
                     continue
                 row: dict = {"group": group, "selection": f"best-{metric}", "split": fold}
