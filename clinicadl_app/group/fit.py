@@ -42,7 +42,7 @@ from clinicadl_app.layouts.splits import SplitFolder
 log = logging.getLogger("clinicadl_app")
 
 # settings that do not change a result: a MAPS may be continued with other values of these
-_EXECUTION_ONLY = {"folds", "num_workers", "gpu"}
+EXECUTION_ONLY = {"folds", "num_workers", "gpu"}
 
 
 @dataclass
@@ -177,7 +177,7 @@ def maps_record(config: Config, folder: SplitFolder, data: FoldData, caps: Caps,
 
 
 def _comparable(record: dict) -> dict:
-    train = {k: v for k, v in record["train"].items() if k not in _EXECUTION_ONLY}
+    train = {k: v for k, v in record["train"].items() if k not in EXECUTION_ONLY}
     keep = ("task", "label", "label_code", "input_size", "mode", "labels", "extraction")
     return {"train": train, "split": record["split"].get("labels_sha256"), **{k: record.get(k) for k in keep}}
 

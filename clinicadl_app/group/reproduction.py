@@ -28,6 +28,7 @@ from clinicadl_app.core.config import Config, Labels, plain
 from clinicadl_app.core.config_file import section_from
 from clinicadl_app.core.errors import ReproductionError
 from clinicadl_app.group.archive import archived_record
+from clinicadl_app.group.fit import EXECUTION_ONLY
 from clinicadl_app.group.model_card import markdown_table
 from clinicadl_app.group.models import open_maps
 from clinicadl_app.group.results import KEY_METRICS
@@ -38,7 +39,7 @@ log = logging.getLogger("clinicadl_app")
 
 SUFFIX = "-reproduced"
 _RENAMED = {("train", "experiment"), ("labels", "name")}
-_EXECUTION_ONLY = {("train", "folds"), ("train", "num_workers"), ("train", "gpu")}
+_EXECUTION_ONLY = {("train", name) for name in EXECUTION_ONLY}
 _SOFTWARE = ("clinicadl-app", "python", "torch", "cuda", "cudnn", "container")
 
 
