@@ -43,7 +43,8 @@ class Execution:
         None, 'JSON file of BIDS entities narrowing the T1w query, as fMRIPrep: {"t1w": {"acquisition": "mprage"}}'
     )
     skip_bids_validator: bool = option(False, "do not run the BIDS validator on BIDS_DIR")
-    n_cpus: int = option(0, "CPUs to use (0: all available)", flags=("--nprocs", "--nthreads"))
+    n_cpus: int = option(0, "CPUs to use (0: the allocation: affinity, cgroup quota, SLURM_CPUS_PER_TASK, "
+                         "shared by torchrun's processes on the node)", flags=("--nprocs", "--nthreads"))
     work_dir: Path | None = option(None, "folder for temporary files (default: a temporary folder)", flags=("-w",))
     caps_dir: Path | None = option(
         None, "CAPS to read t1-linear images from and write tensors to (default: OUTPUT_DIR/caps)"
@@ -65,8 +66,10 @@ class Execution:
 
     @property
     def cpus(self) -> int:
-        available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return self.n_cpus or available
+        from clinicadl_app.core.cpus import allocated_cpus
+
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)  # torchrun: processes on this node
+        return self.n_cpus or allocated_cpus(local)
 
 
 @dataclass(frozen=True)
@@ -196,7 +199,7 @@ class Train:
     dropout: float = option(0.5, "dropout before the fully connected layers")
     pretrained_weights: Path | None = option(None, "resnet18: a state dict to start from (no download)")
     epochs: int = option(20, "maximum number of epochs")
-    batch_size: int = option(8, "inputs per batch")
+    batch_size: int = option(8, "inputs per batch: the global batch, shared by data-parallel processes (torchrun)")
     learning_rate: float = option(1e-4, "learning rate")
     weight_decay: float = option(1e-4, "weight decay")
     optimizer: Literal["Adam", "AdamW", "SGD"] = option("Adam", "optimiser")
@@ -221,7 +224,11 @@ class Train:
     deterministic: bool = option(False, "deterministic algorithms: a CPU rerun is bit-identical")
     amp: bool = option(False, "mixed precision: bfloat16 on CPU, float16 or bfloat16 on GPU")
     gpu: bool = option(True, "use a GPU when one is present")
+    sync_batchnorm: bool = option(False, "data-parallel training: BatchNorm statistics over the whole global batch "
+                                  "(all processes), as one process computes them")
     num_workers: int = option(0, "data loading processes (0: load in the training process)")
+    channels_last: bool = option(True, "channels-last memory layout (faster on most CPUs); off: contiguous, whose "
+                                 "float32 results depend less on how the batch is split")
     folds: tuple[int, ...] = option((), "folds to train (default: all); one cluster job per fold", flags=("--split",),
                                     metavar="FOLD")
     transfer_path: Path | None = option(None, "a MAPS whose model initialises this one (transfer learning)")

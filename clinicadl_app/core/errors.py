@@ -19,6 +19,7 @@ class ExitCode(IntEnum):
     DATA_ERROR = 65  # some subjects (or images) failed; the run prints who and why
     MISSING_INPUT = 66
     CANNOT_WRITE = 73
+    PEER_LOST = 75  # sysexits EX_TEMPFAIL: a distributed training lost a process; a rerun resumes
 
 
 MEANINGS = {
@@ -33,6 +34,8 @@ MEANINGS = {
     ExitCode.DATA_ERROR: "some sessions failed; the log ends with who failed and why, the others completed",
     ExitCode.MISSING_INPUT: "missing input: BIDS folder, configuration, filter file or MAPS",
     ExitCode.CANNOT_WRITE: "the output folder cannot be written or the disk is full (rerun to resume)",
+    ExitCode.PEER_LOST: "distributed training: another process died or could not be reached (rerun to resume "
+                        "from the last completed epoch, on any number of processes)",
 }
 """What each exit code means, for the README, the Boutiques descriptor and platforms."""
 

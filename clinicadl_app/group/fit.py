@@ -23,6 +23,7 @@ import torch
 from clinicadl_app import __version__
 from clinicadl_app.core.atomic import lock, write_json, write_text, write_tsv
 from clinicadl_app.core.config import Config, Train, plain
+from clinicadl_app.core.distributed import World
 from clinicadl_app.core.errors import UsageError
 from clinicadl_app.group import augment
 from clinicadl_app.group.data import ImageStore, PartDataset, image_paths, part_spec
@@ -42,7 +43,7 @@ from clinicadl_app.layouts.splits import SplitFolder
 log = logging.getLogger("clinicadl_app")
 
 # settings that do not change a result: a MAPS may be continued with other values of these
-EXECUTION_ONLY = {"folds", "num_workers", "gpu"}
+EXECUTION_ONLY = {"folds", "num_workers", "gpu", "channels_last"}
 
 
 @dataclass
@@ -58,9 +59,11 @@ class FoldData:
 
 
 def train_maps(config: Config, folder: SplitFolder, maps: Maps,
-               report: Callable[[dict[str, float]], None] | None = None) -> Maps:
+               report: Callable[[dict[str, float]], None] | None = None, world: World | None = None) -> Maps:
     """`report` sees the validation metrics after every evaluation (a search's pruner may stop the trial).
-    The test set is read only to check a transfer source against it."""
+    The test set is read only to check a transfer source against it. With several processes (`world`), every
+    one prepares and trains; only the main one writes."""
+    world = world or World()
     settings = config.train
     caps = Caps(config.caps_dir)
     available = folder.folds()
@@ -73,12 +76,32 @@ def train_maps(config: Config, folder: SplitFolder, maps: Maps,
     all_train = read(folder.set_file("train"))
     transfer = Transfer.open(settings, maps.root) if settings.transfer_path else None
 
+    if not world.main:
+        world.barrier()  # the main process extracts any tensors the CAPS lacks first
     prepared = [prepare_fold(config, caps, folder, fold, read, task_name) for fold in folds]
-    record = maps_record(config, folder, prepared[0], caps, maps)
+    if world.main:
+        world.barrier()
+    record = maps_record(config, folder, prepared[0], caps, maps, world)
     if transfer:
         transfer.check_compatible(record)
         test = read(folder.set_file("test"))
         transfer.check_leakage(caps, config.bids_dir, test, {data.fold: data.validation for data in prepared})
+    if world.main:
+        _write_records(config, maps, record, folder, caps, all_train, prepared, transfer)
+    world.barrier()  # the others read nothing the main process writes before this point
+    for data in prepared:
+        if world.broadcast(fold_complete(maps, data.fold, selection_metrics(config, data.task))):
+            log.info("split-%d: already trained; skipping (remove the fold folder to train it again)", data.fold)
+            continue
+        train_fold(config, maps, data, transfer, report, world)
+    if world.main:
+        write_model_card(maps, config.export.card_fingerprints)  # the report stage writes it again with test metrics
+    return maps
+
+
+def _write_records(config: Config, maps: Maps, record: dict, folder: SplitFolder, caps: Caps,
+                   all_train: pd.DataFrame, prepared: list[FoldData], transfer) -> None:
+    column = config.labels.column
     _write_maps_record(maps, record, config.execution.overwrite)
     own = _write_seen(maps, all_train, caps, transfer)
     for data in prepared:
@@ -88,13 +111,6 @@ def train_maps(config: Config, folder: SplitFolder, maps: Maps,
             write_json(maps.group_record(group, data.fold), {
                 "caps_directory": maps.relative(caps.root), "split_directory": maps.relative(folder.root),
                 "fold": data.fold, "label": column, "origin": "split", "task": task_record(data.task)})
-    for data in prepared:
-        if fold_complete(maps, data.fold, selection_metrics(config, data.task)):
-            log.info("split-%d: already trained; skipping (remove the fold folder to train it again)", data.fold)
-            continue
-        train_fold(config, maps, data, transfer, report)
-    write_model_card(maps, config.export.card_fingerprints)  # the report stage writes it again with test metrics
-    return maps
 
 
 def prepare_fold(config: Config, caps: Caps, folder: SplitFolder, fold: int, read, task_name: str) -> FoldData:
@@ -140,7 +156,8 @@ def input_shape(data: FoldData) -> tuple[int, ...]:
     return tuple(data.train_eval[0]["input"].shape)
 
 
-def maps_record(config: Config, folder: SplitFolder, data: FoldData, caps: Caps, maps: Maps) -> dict:
+def maps_record(config: Config, folder: SplitFolder, data: FoldData, caps: Caps, maps: Maps,
+                world: World | None = None) -> dict:
     settings = config.train
     in_shape = input_shape(data)
     build_model(settings, in_shape, data.task, pretrained=True)  # an architecture that does not fit fails now
@@ -173,6 +190,7 @@ def maps_record(config: Config, folder: SplitFolder, data: FoldData, caps: Caps,
         "command_line": shlex.join(["clinicadl-app", *sys.argv[1:]]),
         "working_directory": os.getcwd(),
         "container": container(),
+        "processes": (world or World()).size,
     }
 
 
@@ -249,14 +267,16 @@ def fold_complete(maps: Maps, fold: int, metrics: tuple[str, ...]) -> bool:
             and all(maps.metrics(fold, m, "validation", "image").exists() for m in metrics))
 
 
-def train_fold(config: Config, maps: Maps, data: FoldData, transfer, report=None) -> None:
+def train_fold(config: Config, maps: Maps, data: FoldData, transfer, report=None, world: World | None = None) -> None:
+    world = world or World()
     settings: Train = config.train
-    device = Device.choose(settings)
+    device = Device.choose(settings, world)
     seed_everything(settings.seed + data.fold, settings.deterministic)
     metrics = selection_metrics(config, data.task)
     networks: list[int | None] = list(range(len(data.spec))) if settings.multi_network else [None]
     in_shape = input_shape(data)
-    write_text(maps.fold_environment(data.fold), environment_text(sys.argv))
+    if world.main:
+        write_text(maps.fold_environment(data.fold), environment_text(sys.argv))
     log.info("split-%d: %d training and %d validation images, input %s, %d network(s) on %s",
              data.fold, len(data.train), len(data.validation), in_shape, len(networks), device.device)
     for network in networks:
@@ -265,15 +285,20 @@ def train_fold(config: Config, maps: Maps, data: FoldData, transfer, report=None
         if transfer:
             transfer.initialise(model, data.fold, network)
         parts = None if network is None else (network,)
-        evaluator = Evaluator(data.task, settings.mode, device, settings.batch_size, settings, data.validation)
-        train_evaluator = Evaluator(data.task, settings.mode, device, settings.batch_size, settings, data.train)
+        evaluator = Evaluator(data.task, settings.mode, device, settings.batch_size, settings, data.validation,
+                              world=world)
+        train_evaluator = Evaluator(data.task, settings.mode, device, settings.batch_size, settings, data.train,
+                                    world=world)
         trainer = Trainer(model=model, task=data.task, settings=settings, maps=maps, fold=data.fold,
                           network=network, selection=metrics, device=device, evaluator=evaluator,
-                          train_evaluator=train_evaluator, report=report)
+                          train_evaluator=train_evaluator, report=report, world=world)
         trainer.fit(_restrict(data.train_set, parts), _restrict(data.validation_set, parts),
                     _restrict(data.train_eval, parts))
-    write_results(config, maps, data, metrics, device)
-    shutil.rmtree(maps.tmp_dir(data.fold), ignore_errors=True)
+    world.barrier()  # the best models are on disk before the main process reads them back
+    if world.main:
+        write_results(config, maps, data, metrics, device)
+        shutil.rmtree(maps.tmp_dir(data.fold), ignore_errors=True)
+    world.barrier()
 
 
 def _restrict(dataset: PartDataset, parts: tuple[int, ...] | None) -> PartDataset:

@@ -3,6 +3,9 @@
 labels -> split [-> search] -> train -> predict -> interpret -> report [-> export]. Stages are imported when asked
 for, so a run of the labels and split stages never loads torch. --maps_dir may name an exported archive: it is
 unpacked into OUTPUT_DIR/maps/ first, and the stages see a MAPS folder.
+
+Started by torchrun (or srun) as N processes, the main one runs every stage and the others join it for the
+train stage only (data-parallel training); they write nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +27,60 @@ IMPLEMENTED = ("labels", "split", "search", "train", "predict", "interpret", "re
 
 
 def run(config: Config) -> ExitCode:
+    from clinicadl_app.core.distributed import World
+
+    world = World.from_environment()
+    if not world.distributed:
+        return run_stages(config)
+    if "search" in config.execution.stages:
+        raise UsageError("--stages search runs one trial per process: start it as several ordinary jobs sharing "
+                         "the study (docs/cluster.md), not under torchrun")
+    if "train" not in config.execution.stages:
+        raise UsageError(f"started as {world.size} processes (torchrun or srun), but --stages has no train stage, "
+                         "the only one they share: start the other stages as one process")
+    batch = config.train.batch_size
+    if batch % world.size:
+        raise UsageError(f"--batch_size {batch} is the global batch, shared by {world.size} processes: make it a "
+                         f"multiple of {world.size}")
+    return run_distributed(config, world)
+
+
+def run_distributed(config: Config, world) -> ExitCode:
+    """The main process runs the stages; the others train with it and stop when training ends. A lost peer
+    ends every process with one line (exit 75) and the next run resumes from the last completed epoch."""
+    import signal
+
+    import torch
+
+    from clinicadl_app.core.distributed import peer_errors
+
+    def stopped(signum, frame):  # torchrun stops the others when one process fails
+        raise world.lost(RuntimeError(f"stopped by signal {signal.Signals(signum).name}"))
+
+    signal.signal(signal.SIGTERM, stopped)
+    world.start(config.train.gpu)
+    try:
+        if world.main:
+            return run_stages(config, world)
+        from clinicadl_app.core.allocator import keep_freed_memory
+
+        log.setLevel(logging.WARNING)  # the main process tells the story once
+        keep_freed_memory()
+        torch.set_num_threads(config.execution.cpus)
+        layout = OutputLayout(config.output_dir)
+        world.barrier()  # the main process has run the stages before train
+        from clinicadl_app.group.stages.train import run_training
+
+        run_training(config, layout.splits_dir, layout.maps_dir, world)
+        world.barrier()
+        return ExitCode.OK
+    except peer_errors() as error:
+        raise world.lost(error) from None
+    finally:
+        world.stop()
+
+
+def run_stages(config: Config, world=None) -> ExitCode:
     stages = config.execution.stages
     missing = [stage for stage in stages if stage not in IMPLEMENTED]
     if missing:
@@ -73,7 +130,11 @@ def run(config: Config) -> ExitCode:
     if "train" in stages:
         from clinicadl_app.group.stages.train import run_training
 
-        maps = run_training(config, layout.splits_dir, layout.maps_dir)
+        if world is not None:
+            world.barrier()  # the other processes wait here for the labels and split
+        maps = run_training(config, layout.splits_dir, layout.maps_dir, world)
+        if world is not None:
+            world.barrier()
         if reproduction is not None:
             reproduction.compare(folder, maps)
     if "predict" in stages:

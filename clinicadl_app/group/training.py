@@ -8,6 +8,11 @@ constant for several epochs although the network already separates the classes.
 
 State is saved atomically after every epoch; a killed run resumes at the next epoch, and with
 --deterministic on the CPU ends with the same weights as an uninterrupted run.
+
+Data-parallel (torchrun, srun): each process takes an interleaved share of every global batch, so N processes
+see the batches one process would (DistributedSampler, seeded as the single-process shuffle); gradients are
+averaged by DistributedDataParallel; evaluation and BatchNorm recalibration are sharded the same way and
+gathered, so every process takes the same decisions (best model, early stop); only the main process writes.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from torch.utils.data import DataLoader, Subset
 
 from clinicadl_app.core.atomic import save_torch, write_tsv
 from clinicadl_app.core.config import Train
+from clinicadl_app.core.distributed import World
 from clinicadl_app.group.data import PartDataset
 from clinicadl_app.group.metrics import better
 from clinicadl_app.group.tasks import PART, Reconstruction, Task
@@ -44,10 +50,11 @@ class Device:
     amp_dtype: torch.dtype | None
 
     @classmethod
-    def choose(cls, settings: Train) -> Device:
+    def choose(cls, settings: Train, world: World | None = None) -> Device:
         if settings.gpu and torch.cuda.is_available():
             dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if settings.amp else None
-            return cls(torch.device("cuda"), dtype)
+            return cls(torch.device("cuda", world.local_rank) if world and world.distributed
+                       else torch.device("cuda"), dtype)
         return cls(torch.device("cpu"), torch.bfloat16 if settings.amp else None)
 
     def autocast(self):
@@ -65,8 +72,10 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def memory_format(spatial_dims: int) -> torch.memory_format:
-    return torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
+def memory_format(model: nn.Module, settings: Train) -> torch.memory_format:
+    if not settings.channels_last:
+        return torch.contiguous_format
+    return torch.channels_last_3d if len(model_in_shape(model)) == 4 else torch.channels_last
 
 
 def make_optimizer(model: nn.Module, settings: Train) -> torch.optim.Optimizer:
@@ -78,14 +87,27 @@ def make_optimizer(model: nn.Module, settings: Train) -> torch.optim.Optimizer:
     return kind(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
 
 
-def loader(dataset, batch_size: int, settings: Train, device: Device, epoch: int | None = None) -> DataLoader:
-    """Shuffled with a generator seeded by (seed, epoch) when `epoch` is given, so order survives a resume."""
-    generator = None
-    if epoch is not None:
-        generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + epoch)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=epoch is not None, generator=generator,
-                      num_workers=settings.num_workers, pin_memory=device.device.type == "cuda",
-                      persistent_workers=False)
+def loader(dataset, batch_size: int, settings: Train, device: Device, epoch: int | None = None,
+           world: World | None = None) -> DataLoader:
+    """Shuffled by torch's DistributedSampler, seeded by (seed, epoch), when `epoch` is given: the order survives
+    a resume, and N processes each take every N-th input of the order one process would see (padded by a few
+    repeated inputs when the set does not divide by N)."""
+    common = dict(num_workers=settings.num_workers, pin_memory=device.device.type == "cuda", persistent_workers=False)
+    if epoch is None:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, **common)
+    from torch.utils.data.distributed import DistributedSampler
+
+    world = world or World()
+    sampler = DistributedSampler(dataset, world.size, world.rank, shuffle=True, seed=settings.seed * 1_000_003)
+    sampler.set_epoch(epoch)
+    return DataLoader(dataset, batch_size=batch_size // world.size, sampler=sampler, **common)
+
+
+def shard(dataset, world: World | None):
+    """This process's interleaved share of an evaluation set (no padding: evaluation has no collective)."""
+    if world is None or not world.distributed:
+        return dataset
+    return Subset(dataset, range(world.rank, len(dataset), world.size))
 
 
 @dataclass
@@ -106,6 +128,8 @@ class Evaluator:
     records: pd.DataFrame
     """participant_id, session_id of each image of the datasets evaluated."""
     part_weights: dict[int, float] | None = None
+    world: World | None = None
+    """Processes that share the evaluation: each evaluates its shard, and all get the whole table."""
 
     def outputs(self, model: nn.Module, dataset) -> tuple[pd.DataFrame, float]:
         """Part-level prediction table and mean loss, in eval mode, batched, without gradients."""
@@ -115,9 +139,9 @@ class Evaluator:
         columns: dict[str, list] = {"image": [], "part": []}
         extra: dict[str, list] = {}
         total, count = 0.0, 0
-        fmt = memory_format(len(model_in_shape(model)) - 1)
+        fmt = memory_format(model, self.settings)
         with torch.no_grad():
-            for batch in loader(dataset, self.batch_size, self.settings, self.device):
+            for batch in loader(shard(dataset, self.world), self.batch_size, self.settings, self.device):
                 inputs = batch["input"].to(self.device.device, non_blocking=True).contiguous(memory_format=fmt)
                 with self.device.autocast():
                     out = model(inputs)
@@ -130,6 +154,11 @@ class Evaluator:
                     extra.setdefault(key, []).extend(np.asarray(value).tolist())
                 columns["image"].extend(batch["image"].tolist())
                 columns["part"].extend(batch["part"].tolist())
+        if self.world is not None and self.world.distributed:
+            shares = self.world.gather((columns, extra, total, count))
+            columns = {key: [v for share in shares for v in share[0][key]] for key in columns}
+            extra = {key: [v for share in shares for v in share[1][key]] for key in extra}
+            total, count = sum(share[2] for share in shares), sum(share[3] for share in shares)
         table = self.records.iloc[columns["image"]][KEYS].reset_index(drop=True)
         part_column = PART[self.mode]
         if part_column:
@@ -161,8 +190,12 @@ def model_in_shape(model: nn.Module) -> tuple[int, ...]:
 
 
 @torch.no_grad()
-def recompute_batchnorm(model: nn.Module, dataset, n_images: int, settings: Train, device: Device) -> None:
-    """Replace BatchNorm running statistics by their exact average over training inputs, with current weights."""
+def recompute_batchnorm(model: nn.Module, dataset, n_images: int, settings: Train, device: Device,
+                        world: World | None = None) -> None:
+    """Replace BatchNorm running statistics by their exact average over training inputs, with current weights.
+
+    Several processes share the pass as they share a training batch: each takes its interleaved part of every
+    batch. Synchronised layers then see the single-process batches; plain ones average their statistics."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms or n_images <= 0:
         return
@@ -175,13 +208,48 @@ def recompute_batchnorm(model: nn.Module, dataset, n_images: int, settings: Trai
         generator = torch.Generator().manual_seed(settings.seed)
         chosen = torch.randperm(len(dataset), generator=generator)[:n_images].tolist()
     model.train()
-    fmt = memory_format(len(model_in_shape(model)) - 1)
-    for batch in loader(Subset(dataset, chosen), settings.batch_size, settings, device):
-        with device.autocast():
-            model(batch["input"].to(device.device).contiguous(memory_format=fmt))
+    fmt = memory_format(model, settings)
+    if world is not None and world.distributed:
+        _recompute_sharded(model, dataset, chosen, norms, settings, device, world)
+    else:
+        for batch in loader(Subset(dataset, chosen), settings.batch_size, settings, device):
+            with device.autocast():
+                model(batch["input"].to(device.device).contiguous(memory_format=fmt))
     for m, momentum in zip(norms, momenta, strict=True):
         m.momentum = momentum
     model.eval()
+
+
+def _recompute_sharded(model: nn.Module, dataset, chosen: list[int], norms: list[nn.Module], settings: Train,
+                       device: Device, world: World) -> None:
+    import torch.distributed as dist
+    from torch.utils.data import default_collate
+
+    from clinicadl_app.group.sync_batchnorm import SyncBatchNorm
+
+    synced = any(isinstance(m, SyncBatchNorm) for m in norms)
+    fmt = memory_format(model, settings)
+    passes = 0
+    for start in range(0, len(chosen), settings.batch_size):
+        mine = chosen[start:start + settings.batch_size][world.rank::world.size]
+        if not mine and not synced:
+            continue
+        if mine:
+            inputs = default_collate([dataset[i]["input"] for i in mine])
+        else:  # a synchronised layer's collective needs every process, even one with nothing left
+            inputs = torch.zeros((0, *model_in_shape(model)))
+        with device.autocast():
+            model(inputs.to(device.device).contiguous(memory_format=fmt))
+        passes += 1
+    if synced:
+        return
+    weight = torch.tensor([float(passes)], device=device.device)
+    dist.all_reduce(weight)
+    for m in norms:  # each process averaged its own batches: the mean over all batches of all processes
+        for buffer in (m.running_mean, m.running_var):
+            buffer.mul_(passes)
+            dist.all_reduce(buffer)
+            buffer.div_(weight.item())
 
 
 @dataclass
@@ -204,14 +272,33 @@ class Trainer:
 
     def __init__(self, *, model: nn.Module, task: Task, settings: Train, maps: Maps, fold: int,
                  network: int | None, selection: tuple[str, ...], device: Device, evaluator: Evaluator,
-                 train_evaluator: Evaluator | None = None, report: Callable[[dict], None] | None = None):
+                 train_evaluator: Evaluator | None = None, report: Callable[[dict], None] | None = None,
+                 world: World | None = None):
         """`evaluator` reads the validation images' rows, `train_evaluator` the training images' (needed with
         evaluate_train: the two sets differ in size and order)."""
         self.model, self.task, self.settings, self.maps = model, task, settings, maps
         self.fold, self.network, self.selection, self.device = fold, network, selection, device
         self.evaluator, self.train_evaluator = evaluator, train_evaluator
         self.report = report
-        self.model.to(device.device, memory_format=memory_format(len(model_in_shape(model)) - 1))
+        self.world = world or World()
+        if self.world.distributed and settings.sync_batchnorm:
+            from clinicadl_app.group.sync_batchnorm import convert
+
+            self.model = model = convert(model)
+        self.model.to(device.device, memory_format=memory_format(model, settings))
+        self.trainable: nn.Module = self.model
+        """What the training steps call: the model, or its DistributedDataParallel wrapper."""
+        if self.world.distributed:
+            import warnings
+
+            from torch.nn.parallel import DistributedDataParallel
+
+            # a 1-channel input's weights are both contiguous and channels-last: DDP's stride check is moot
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+
+            self.trainable = DistributedDataParallel(
+                self.model, device_ids=[device.device.index] if device.device.type == "cuda" else None,
+                gradient_as_bucket_view=True)  # no copy of every gradient into the communication buffers
         self.optimizer = make_optimizer(self.model, settings)
         self.scaler = torch.amp.GradScaler("cuda") if device.amp_dtype == torch.float16 else None
         self.criterion = task.loss().to(device.device)
@@ -219,6 +306,8 @@ class Trainer:
 
     # --- checkpoints ---------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
+        if not self.world.main:
+            return
         payload = {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "state": self.state.__dict__, "torch_rng": torch.get_rng_state(),
@@ -230,7 +319,7 @@ class Trainer:
 
     def resume(self) -> bool:
         path = self.maps.checkpoint(self.fold, self.network)
-        if not path.exists():
+        if not self.world.broadcast(path.exists()):
             return False
         # our own checkpoint, written by this MAPS: optimiser and RNG states need full unpickling
         payload = torch.load(path, map_location=self.device.device, weights_only=False)
@@ -250,6 +339,8 @@ class Trainer:
         return "" if self.network is None else f" network-{self.network}"
 
     def save_model(self, metric: str) -> None:
+        if not self.world.main:
+            return
         payload = {"model": self.model.state_dict(), "epoch": self.state.epoch, "step": self.state.step,
                    "name": self.settings.architecture, "metric": metric, "value": self.state.best[metric]}
         save_torch(payload, self.maps.model(self.fold, metric, self.network))
@@ -258,18 +349,21 @@ class Trainer:
     def fit(self, train: PartDataset, validation, train_eval) -> None:
         settings = self.settings
         self.resume()
-        writer = self._tensorboard()
+        writer = self._tensorboard() if self.world.main else None
         log_path = self.maps.training_log(self.fold, self.network)
-        if self.state.rows:
+        if self.state.rows and self.world.main:
             write_tsv(log_path, pd.DataFrame(self.state.rows))
-        fmt = memory_format(len(model_in_shape(self.model)) - 1)
+        fmt = memory_format(self.model, settings)
         while self.state.epoch < settings.epochs and not self.state.stopped:
             epoch = self.state.epoch
             train.epoch = epoch
+            if self.world.distributed:  # dropout differs per process, and a resume on any number of them
+                key = [settings.seed, self.fold, self.network or 0, epoch, self.world.rank]
+                torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
             self.model.train()
             self.optimizer.zero_grad(set_to_none=True)
             losses, seen, wait, busy = [], 0, 0.0, 0.0
-            batches = loader(train, settings.batch_size, settings, self.device, epoch=epoch)
+            batches = loader(train, settings.batch_size, settings, self.device, epoch=epoch, world=self.world)
             n_batches = len(batches)
             tick = time.perf_counter()
             for index, batch in enumerate(batches):
@@ -277,14 +371,16 @@ class Trainer:
                 wait += ready - tick
                 inputs = batch["input"].to(self.device.device, non_blocking=True).contiguous(memory_format=fmt)
                 target = inputs if isinstance(self.task, Reconstruction) else batch["target"].to(self.device.device)
-                with self.device.autocast():
-                    out = self.model(inputs)
-                loss = self.criterion(out.float(), target.float() if isinstance(self.task, Reconstruction)
-                                      else target)
-                scaled = loss / settings.accumulation_steps
-                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
                 last = index + 1 == n_batches
-                if (index + 1) % settings.accumulation_steps == 0 or last:
+                stepping = (index + 1) % settings.accumulation_steps == 0 or last
+                with self._synchronising(stepping):
+                    with self.device.autocast():
+                        out = self.trainable(inputs)
+                    loss = self.criterion(out.float(), target.float() if isinstance(self.task, Reconstruction)
+                                          else target)
+                    scaled = loss / settings.accumulation_steps
+                    (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                if stepping:
                     if self.scaler:
                         self.scaler.step(self.optimizer)
                         self.scaler.update()
@@ -293,12 +389,13 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     self.state.step += 1
                 losses.append(float(loss.detach()) * len(inputs))
-                seen += len(inputs)
+                seen += len(inputs) * self.world.size
                 tick = time.perf_counter()
                 busy += tick - ready
                 steps_due = settings.evaluation_steps and self.state.step % settings.evaluation_steps == 0
                 if last or (steps_due and (index + 1) % settings.accumulation_steps == 0):
-                    self._evaluate(validation, train_eval, epoch, sum(losses) / max(seen, 1),
+                    summed = sum(share for share in self.world.gather(sum(losses)))  # every process's inputs
+                    self._evaluate(validation, train_eval, epoch, summed / max(seen, 1),
                                    seen / max(busy + wait, 1e-9), wait / max(busy + wait, 1e-9), writer, log_path)
                     losses, seen, wait, busy = [], 0, 0.0, 0.0
                     self.model.train()
@@ -309,6 +406,12 @@ class Trainer:
             self.save_checkpoint()
         if writer:
             writer.close()
+
+    def _synchronising(self, stepping: bool):
+        """Gradients are averaged across processes only at the batch that updates the weights."""
+        if stepping or not self.world.distributed:
+            return nullcontext()
+        return self.trainable.no_sync()  # type: ignore[operator]
 
     def _evaluate(self, *args) -> None:
         """Evaluation must not touch the training's random stream (dropout in the BatchNorm pass, loader
@@ -321,7 +424,7 @@ class Trainer:
                       wait_share: float, writer, log_path: Path) -> None:
         settings = self.settings
         start = time.perf_counter()
-        recompute_batchnorm(self.model, train_eval, settings.batchnorm_recompute, settings, self.device)
+        recompute_batchnorm(self.model, train_eval, settings.batchnorm_recompute, settings, self.device, self.world)
         result = self.evaluator.evaluate(self.model, validation)
         row: dict[str, object] = {"epoch": epoch, "step": self.state.step, "loss_train": train_loss,
                                   "images_per_second": round(speed, 3), "data_wait_share": round(wait_share, 4)}
@@ -333,7 +436,8 @@ class Trainer:
         row.update({f"{k}_validation": v for k, v in result.metrics.items()})
         row["evaluation_seconds"] = round(time.perf_counter() - start, 2)
         self.state.rows.append(row)
-        write_tsv(log_path, pd.DataFrame(self.state.rows))
+        if self.world.main:
+            write_tsv(log_path, pd.DataFrame(self.state.rows))
         if writer:
             for key, value in row.items():
                 if isinstance(value, float) and math.isfinite(value):

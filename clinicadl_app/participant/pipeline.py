@@ -3,7 +3,10 @@
 Sessions are independent jobs. A job's outputs are written atomically, the cropped image last, so its
 presence means the session is complete; a rerun skips it unless --overwrite. Shared files (dataset
 descriptions, the QC table, extraction JSONs) are written under a lock or with identical content, so
-several invocations (cluster array jobs) can write into one OUTPUT_DIR at the same time.
+several invocations (cluster array jobs) can write into one OUTPUT_DIR at the same time. A session is
+processed under its own lock (released by the kernel if the job is killed): a job that finds a session taken
+waits, then skips it if the other job completed it, so two jobs given one subject never both process it.
+Worker processes die with their job (a cancelled SLURM task leaves no orphan registering on).
 """
 
 from __future__ import annotations
@@ -164,6 +167,7 @@ def run_jobs(jobs: list[Job], config: Config, log_file: Path | None = None) -> l
 
 
 def _init_worker(threads: int, level: int, log_file: Path | None) -> None:
+    _die_with_parent()
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
@@ -174,10 +178,32 @@ def _init_worker(threads: int, level: int, log_file: Path | None) -> None:
         log_to_file(log_file)
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this worker when the job's main process dies, even by SIGKILL."""
+    import ctypes
+    import signal
+    from contextlib import suppress
+
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the parent died before the call
+        os._exit(1)
+
+
 def process(job: Job, config: Config) -> Outcome:
     """One session, start to finish; every error becomes a failed Outcome naming the file and the fix."""
     start = time.perf_counter()
     caps = Caps(config.caps_dir)
+    with lock(caps.root / ".locks" / job.image.name, timeout=-1):  # another job on this session: wait for it
+        todo = job
+        if job.preprocess and not config.execution.overwrite and caps.t1_linear(job.image).exists():
+            todo = Job(job.scan, job.image, preprocess=False)  # completed by another job while we waited
+        outcome = _process(todo, config, caps)
+    outcome.job, outcome.seconds = job, time.perf_counter() - start
+    return outcome
+
+
+def _process(job: Job, config: Config, caps: Caps) -> Outcome:
     outcome = Outcome(job, "complete")
     try:
         if job.preprocess:
@@ -200,7 +226,6 @@ def process(job: Job, config: Config) -> Outcome:
         log.debug("%s", traceback.format_exc())
         outcome.status = "failed"
         outcome.message = f"unexpected {type(error).__name__}: {error} (a bug: please report it with the log)"
-    outcome.seconds = time.perf_counter() - start
     return outcome
 
 
