@@ -27,12 +27,14 @@ from clinicadl_app.core.distributed import World
 from clinicadl_app.core.errors import UsageError
 from clinicadl_app.group import augment
 from clinicadl_app.group.data import ImageStore, PartDataset, image_paths, part_spec
+from clinicadl_app.group.evaluation import Evaluator
 from clinicadl_app.group.experiment import experiment_name, network_task, select_rows, selection_metrics
 from clinicadl_app.group.model_card import write_model_card
 from clinicadl_app.group.models import build_model, load_selected, task_record
 from clinicadl_app.group.results import evaluate_group
+from clinicadl_app.group.runtime import Device, seed_everything
 from clinicadl_app.group.tasks import Classification, Task, make_task
-from clinicadl_app.group.training import Device, Evaluator, Trainer, seed_everything
+from clinicadl_app.group.training import Trainer
 from clinicadl_app.group.transfer import Transfer
 from clinicadl_app.images.extraction import description as extraction_description
 from clinicadl_app.layouts.caps import KEYS, Caps

@@ -16,8 +16,8 @@ from clinicadl_app import __version__
 from clinicadl_app.core.config import Train
 from clinicadl_app.core.errors import InputDataError, MissingInputError, UsageError
 from clinicadl_app.group.networks import ArchitectureError, RandomSpec, build_network
+from clinicadl_app.group.runtime import Device
 from clinicadl_app.group.tasks import Classification, Reconstruction, Regression, Task
-from clinicadl_app.group.training import Device
 from clinicadl_app.layouts.maps import Maps
 
 

@@ -16,8 +16,9 @@ from clinicadl_app import __version__
 from clinicadl_app.core.atomic import write_text, write_tsv
 from clinicadl_app.core.config import Train
 from clinicadl_app.core.errors import MissingInputError
+from clinicadl_app.group.evaluation import Evaluator
+from clinicadl_app.group.runtime import Device
 from clinicadl_app.group.tasks import PART, Task
-from clinicadl_app.group.training import Device, Evaluator
 from clinicadl_app.layouts.maps import Maps
 
 

@@ -1,10 +1,8 @@
 """The training loop of one network on one fold: evaluation, model selection, early stopping, checkpoints.
 
 Fast on the CPU: channels-last memory layout, optional bfloat16 autocast, batched evaluation, no
-re-evaluation of the training set unless asked (ClinicaDL spends ~40 % of its epoch on it). BatchNorm
-statistics are recomputed on training images (in train mode, current weights) before each evaluation:
-with few batches per epoch, the running averages lag far behind the weights, and eval-mode outputs stay
-constant for several epochs although the network already separates the classes.
+re-evaluation of the training set unless asked (ClinicaDL spends ~40 % of its epoch on it); BatchNorm
+statistics recomputed before each evaluation (evaluation.py).
 
 State is saved atomically after every epoch; a killed run resumes at the next epoch, and with
 --deterministic on the CPU ends with the same weights as an uninterrupted run.
@@ -30,52 +28,18 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
 
 from clinicadl_app.core.atomic import save_torch, write_tsv
 from clinicadl_app.core.config import Train
 from clinicadl_app.core.distributed import World
 from clinicadl_app.group.data import PartDataset
+from clinicadl_app.group.evaluation import Evaluator, recompute_batchnorm
 from clinicadl_app.group.metrics import better
-from clinicadl_app.group.tasks import PART, Reconstruction, Task
-from clinicadl_app.layouts.caps import KEYS
+from clinicadl_app.group.runtime import Device, loader, memory_format
+from clinicadl_app.group.tasks import Reconstruction, Task
 from clinicadl_app.layouts.maps import Maps
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Device:
-    device: torch.device
-    amp_dtype: torch.dtype | None
-
-    @classmethod
-    def choose(cls, settings: Train, world: World | None = None) -> Device:
-        if settings.gpu and torch.cuda.is_available():
-            dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if settings.amp else None
-            return cls(torch.device("cuda", world.local_rank) if world and world.distributed
-                       else torch.device("cuda"), dtype)
-        return cls(torch.device("cpu"), torch.bfloat16 if settings.amp else None)
-
-    def autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-
-
-def memory_format(model: nn.Module, settings: Train) -> torch.memory_format:
-    if not settings.channels_last:
-        return torch.contiguous_format
-    return torch.channels_last_3d if len(model_in_shape(model)) == 4 else torch.channels_last
 
 
 def make_optimizer(model: nn.Module, settings: Train) -> torch.optim.Optimizer:
@@ -85,171 +49,6 @@ def make_optimizer(model: nn.Module, settings: Train) -> torch.optim.Optimizer:
                                weight_decay=settings.weight_decay)
     kind = torch.optim.AdamW if settings.optimizer == "AdamW" else torch.optim.Adam
     return kind(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-
-
-def loader(dataset, batch_size: int, settings: Train, device: Device, epoch: int | None = None,
-           world: World | None = None) -> DataLoader:
-    """Shuffled by torch's DistributedSampler, seeded by (seed, epoch), when `epoch` is given: the order survives
-    a resume, and N processes each take every N-th input of the order one process would see (padded by a few
-    repeated inputs when the set does not divide by N)."""
-    common = dict(num_workers=settings.num_workers, pin_memory=device.device.type == "cuda", persistent_workers=False)
-    if epoch is None:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=False, **common)
-    from torch.utils.data.distributed import DistributedSampler
-
-    world = world or World()
-    sampler = DistributedSampler(dataset, world.size, world.rank, shuffle=True, seed=settings.seed * 1_000_003)
-    sampler.set_epoch(epoch)
-    return DataLoader(dataset, batch_size=batch_size // world.size, sampler=sampler, **common)
-
-
-def shard(dataset, world: World | None):
-    """This process's interleaved share of an evaluation set (no padding: evaluation has no collective)."""
-    if world is None or not world.distributed:
-        return dataset
-    return Subset(dataset, range(world.rank, len(dataset), world.size))
-
-
-@dataclass
-class Evaluation:
-    parts: pd.DataFrame
-    images: pd.DataFrame
-    loss: float
-    metrics: dict[str, float]
-
-
-@dataclass
-class Evaluator:
-    task: Task
-    mode: str
-    device: Device
-    batch_size: int
-    settings: Train
-    records: pd.DataFrame
-    """participant_id, session_id of each image of the datasets evaluated."""
-    part_weights: dict[int, float] | None = None
-    world: World | None = None
-    """Processes that share the evaluation: each evaluates its shard, and all get the whole table."""
-
-    def outputs(self, model: nn.Module, dataset) -> tuple[pd.DataFrame, float]:
-        """Part-level prediction table and mean loss, in eval mode, batched, without gradients."""
-        model.eval()
-        criterion = self.task.loss()
-        criterion.to(self.device.device)
-        columns: dict[str, list] = {"image": [], "part": []}
-        extra: dict[str, list] = {}
-        total, count = 0.0, 0
-        fmt = memory_format(model, self.settings)
-        with torch.no_grad():
-            for batch in loader(shard(dataset, self.world), self.batch_size, self.settings, self.device):
-                inputs = batch["input"].to(self.device.device, non_blocking=True).contiguous(memory_format=fmt)
-                with self.device.autocast():
-                    out = model(inputs)
-                target = inputs if isinstance(self.task, Reconstruction) else batch["target"].to(self.device.device)
-                loss = criterion(out.float(), target.float() if isinstance(self.task, Reconstruction) else target)
-                total += float(loss) * len(inputs)
-                count += len(inputs)
-                rows = self.task.rows(out.float().cpu(), target.cpu())
-                for key, value in rows.items():
-                    extra.setdefault(key, []).extend(np.asarray(value).tolist())
-                columns["image"].extend(batch["image"].tolist())
-                columns["part"].extend(batch["part"].tolist())
-        if self.world is not None and self.world.distributed:
-            shares = self.world.gather((columns, extra, total, count))
-            columns = {key: [v for share in shares for v in share[0][key]] for key in columns}
-            extra = {key: [v for share in shares for v in share[1][key]] for key in extra}
-            total, count = sum(share[2] for share in shares), sum(share[3] for share in shares)
-        table = self.records.iloc[columns["image"]][KEYS].reset_index(drop=True)
-        part_column = PART[self.mode]
-        if part_column:
-            table[part_column] = columns["part"]
-        for key, value in extra.items():
-            table[key] = value
-        sort = KEYS + ([part_column] if part_column else [])
-        return table.sort_values(sort).reset_index(drop=True), total / max(count, 1)
-
-    def evaluate(self, model: nn.Module, dataset, weights_from_self: bool = True) -> Evaluation:
-        parts, loss = self.outputs(model, dataset)
-        return self.summarise(parts, loss, weights_from_self)
-
-    def summarise(self, parts: pd.DataFrame, loss: float, weights_from_self: bool = True) -> Evaluation:
-        part_column = PART[self.mode]
-        if part_column:
-            weights = self.part_weights
-            if weights is None or weights_from_self:
-                weights = self.task.part_weights(parts, part_column, self.settings.selection_threshold)
-            images = self.task.ensemble(parts, part_column, weights)
-        else:
-            images = parts
-        metrics = {"loss": loss, **self.task.metrics(images)}
-        return Evaluation(parts, images, loss, metrics)
-
-
-def model_in_shape(model: nn.Module) -> tuple[int, ...]:
-    return tuple(model.in_shape)
-
-
-@torch.no_grad()
-def recompute_batchnorm(model: nn.Module, dataset, n_images: int, settings: Train, device: Device,
-                        world: World | None = None) -> None:
-    """Replace BatchNorm running statistics by their exact average over training inputs, with current weights.
-
-    Several processes share the pass as they share a training batch: each takes its interleaved part of every
-    batch. Synchronised layers then see the single-process batches; plain ones average their statistics."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms or n_images <= 0:
-        return
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-    chosen = list(range(len(dataset)))
-    if len(chosen) > n_images:
-        generator = torch.Generator().manual_seed(settings.seed)
-        chosen = torch.randperm(len(dataset), generator=generator)[:n_images].tolist()
-    model.train()
-    fmt = memory_format(model, settings)
-    if world is not None and world.distributed:
-        _recompute_sharded(model, dataset, chosen, norms, settings, device, world)
-    else:
-        for batch in loader(Subset(dataset, chosen), settings.batch_size, settings, device):
-            with device.autocast():
-                model(batch["input"].to(device.device).contiguous(memory_format=fmt))
-    for m, momentum in zip(norms, momenta, strict=True):
-        m.momentum = momentum
-    model.eval()
-
-
-def _recompute_sharded(model: nn.Module, dataset, chosen: list[int], norms: list[nn.Module], settings: Train,
-                       device: Device, world: World) -> None:
-    import torch.distributed as dist
-    from torch.utils.data import default_collate
-
-    from clinicadl_app.group.sync_batchnorm import SyncBatchNorm
-
-    synced = any(isinstance(m, SyncBatchNorm) for m in norms)
-    fmt = memory_format(model, settings)
-    passes = 0
-    for start in range(0, len(chosen), settings.batch_size):
-        mine = chosen[start:start + settings.batch_size][world.rank::world.size]
-        if not mine and not synced:
-            continue
-        if mine:
-            inputs = default_collate([dataset[i]["input"] for i in mine])
-        else:  # a synchronised layer's collective needs every process, even one with nothing left
-            inputs = torch.zeros((0, *model_in_shape(model)))
-        with device.autocast():
-            model(inputs.to(device.device).contiguous(memory_format=fmt))
-        passes += 1
-    if synced:
-        return
-    weight = torch.tensor([float(passes)], device=device.device)
-    dist.all_reduce(weight)
-    for m in norms:  # each process averaged its own batches: the mean over all batches of all processes
-        for buffer in (m.running_mean, m.running_var):
-            buffer.mul_(passes)
-            dist.all_reduce(buffer)
-            buffer.div_(weight.item())
 
 
 @dataclass

@@ -31,7 +31,7 @@ from clinicadl_app.group.data import ImageStore, PartDataset, image_paths, part_
 from clinicadl_app.group.experiment import experiment_name
 from clinicadl_app.group.models import load_selected, open_maps, task_from_record
 from clinicadl_app.group.results import validation_weights
-from clinicadl_app.group.training import Device
+from clinicadl_app.group.runtime import Device
 from clinicadl_app.layouts.caps import KEYS, Caps
 from clinicadl_app.layouts.maps import Maps
 

@@ -32,8 +32,8 @@ from clinicadl_app.group.experiment import experiment_name, select_rows
 from clinicadl_app.group.leakage import Overlap, Seen, overlap, same_place
 from clinicadl_app.group.models import load_selected, open_maps, task_from_record
 from clinicadl_app.group.results import GroupResult, evaluate_group, validation_weights
+from clinicadl_app.group.runtime import Device
 from clinicadl_app.group.tasks import PART
-from clinicadl_app.group.training import Device
 from clinicadl_app.layouts.caps import KEYS, Caps
 from clinicadl_app.layouts.maps import Maps
 from clinicadl_app.layouts.splits import SplitFolder
