@@ -25,6 +25,19 @@ def machine() -> str:
     return f"{model}, {cores} cores available{memory}, {system}"
 
 
+def cpu_features() -> str:
+    """The vector and matrix engines torch's CPU kernels can use here (oneDNN picks its paths from them)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags: set[str] = set()
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+    return ", ".join(flag for flag in wanted if flag in flags) or "none of avx2/avx512/amx"
+
+
 def table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]

@@ -1,13 +1,15 @@
 """Training speed and memory: Conv5_FC3 on 169x208x179 images, batch 4, Adam 1e-4, next to ClinicaDL 1.6.1.
 
-    python benchmarks/train.py [--source_caps demo_output/caps] [--epochs 2] [--clinicadl /tmp/peer/venv1]
+    python benchmarks/train.py [--source_caps demo_output/caps] [--epochs 5] [--clinicadl /tmp/peer/venv1]
 
-Builds a trivial dataset (40 subjects from real preprocessed brains, one hemisphere darkened per class),
-draws one split (8 test, 26 train, 6 validation; --baseline_sets so that ClinicaDL reads the same split
-files), then trains each variant in a fresh process and reads its training.tsv: images per second in the
-training pass, seconds per epoch, the share of time spent waiting for data, peak resident memory, and the
-validation balanced accuracy after each epoch. With --clinicadl (a venv holding ClinicaDL 1.6.1, see
-../shared/peer), ClinicaDL trains on the same CAPS tensors and the same split files.
+Builds a trivial dataset from real preprocessed brains (one hemisphere darkened per class; 2 subjects per
+source brain, at most 40: 24 from the demo's 12), draws one split (20 % test, 15 % validation, the rest to
+train; --baseline_sets so that ClinicaDL reads the same split files), then trains each variant in a fresh
+process and reads its training.tsv: images per second in the training pass, seconds per epoch, the share of
+time spent waiting for data, peak resident memory, and the validation balanced accuracy after each epoch;
+and prints the CPU's vector and matrix engines, the allocator and the threads each run used. With
+--clinicadl (a venv holding ClinicaDL 1.6.1, see ../shared/peer), ClinicaDL trains on the same CAPS tensors
+and the same split files; its training-pass speed and per-epoch BA are read from its own log.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, table  # noqa: E402
+from common import cpu_features, machine, table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = """
@@ -33,9 +35,9 @@ CONFIG = """
 column = "diagnosis"
 values = ["AD", "CN"]
 [split]
-n_test = 8
+n_test = {n_test}
 n_splits = 0
-n_validation = 6
+n_validation = {n_validation}
 seed = 0
 max_attempts = 50
 baseline_sets = true
@@ -60,7 +62,7 @@ def timed(command: list[str], log: Path) -> tuple[float, float]:
     return wall, peak
 
 
-def ours(work: Path, name: str, extra: list[str], epochs: int) -> list[object]:
+def ours(work: Path, name: str, extra: list[str], epochs: int, n_train: int) -> list[object]:
     out = work / "out"
     shutil.rmtree(out / "maps" / name, ignore_errors=True)
     command = [sys.executable, str(ROOT / "run.py"), str(work / "bids"), str(out), "group", "--caps_dir",
@@ -68,13 +70,17 @@ def ours(work: Path, name: str, extra: list[str], epochs: int) -> list[object]:
                "--experiment", name, "--epochs", str(epochs), *extra]
     wall, peak = timed(command, work / f"{name}.log")
     log = pd.read_csv(out / "maps" / name / "split-0" / "training_logs" / "training.tsv", sep="\t")
-    epoch_seconds = (26 / log.images_per_second + log.evaluation_seconds).mean()
-    return [f"clinicadl-app {name}", f"{log.images_per_second.mean():.2f}", f"{epoch_seconds:.0f}",
+    epoch_seconds = (n_train / log.images_per_second + log.evaluation_seconds).mean()
+    environment = (out / "maps" / name / "environment.txt").read_text()
+    allocator = re.search(r"allocator (\S+)", environment)
+    threads = re.search(r"torch threads (\d+)", environment)
+    setting = f"{allocator.group(1) if allocator else '?'}, {threads.group(1) if threads else '?'} threads"
+    return [f"clinicadl-app {name} ({setting})", f"{log.images_per_second.mean():.2f}", f"{epoch_seconds:.0f}",
             f"{100 * log.data_wait_share.mean():.1f} %", f"{peak:.2f}",
             " ".join(f"{v:.2f}" for v in log.BA_validation), f"{wall:.0f}"]
 
 
-def clinicadl(work: Path, venv: Path, epochs: int) -> list[object]:
+def clinicadl(work: Path, venv: Path, epochs: int, n_train: int, n_validation: int) -> list[object]:
     maps = work / "clinicadl_maps"
     shutil.rmtree(maps, ignore_errors=True)
     split = work / "out" / "splits" / "diagnosis_AD_CN" / "split-0"
@@ -87,13 +93,21 @@ def clinicadl(work: Path, venv: Path, epochs: int) -> list[object]:
     wall, peak = timed(command, work / "clinicadl.log")
     metrics = pd.read_csv(maps / "split-0" / "best-loss" / "validation" / "validation_image_level_metrics.tsv",
                           sep="\t")
-    # ClinicaDL 1.6.1 writes no per-epoch rows unless evaluation_steps > 0: time its epochs from its log
+    # ClinicaDL 1.6.1 writes no per-epoch rows unless evaluation_steps > 0: time its epochs from its log. Each
+    # epoch is: training pass, evaluation of the whole training set (logged), evaluation of the validation set
+    # (logged); the training set's evaluation is estimated from the validation one's pace.
     text = (work / "clinicadl.log").read_text()
     start = re.search(r"^(\d\d:\d\d:\d\d) - Criterion", text, re.MULTILINE).group(1)
+    trained = re.findall(r"^(\d\d:\d\d:\d\d) - image level training loss", text, re.MULTILINE)
     ends = re.findall(r"^(\d\d:\d\d:\d\d) - image level validation loss", text, re.MULTILINE)
+    accuracies = re.findall(r"image level validation loss.*?balanced_accuracy[^0-9]*([0-9.]+)", text)
     seconds = [_clock(b) - _clock(a) for a, b in zip([start, *ends[:-1]], ends, strict=True)]
-    return ["ClinicaDL 1.6.1", "0.46 (../shared/peer)", f"{sum(seconds) / len(seconds):.0f}", "n/a", f"{peak:.2f}",
-            f"best-loss model: {float(metrics.BA.iloc[0]):.2f}", f"{wall:.0f}"]
+    validating = [_clock(b) - _clock(a) for a, b in zip(trained, ends, strict=True)]
+    passes = [total - v * (1 + n_train / n_validation) for total, v in zip(seconds, validating, strict=True)]
+    speed = n_train * len(passes) / sum(passes) if sum(passes) > 0 else float("nan")
+    per_epoch = " ".join(f"{float(a):.2f}" for a in accuracies) or f"best-loss model: {float(metrics.BA.iloc[0]):.2f}"
+    return ["ClinicaDL 1.6.1 (2 data processes)", f"{speed:.2f} (from its log)", f"{sum(seconds) / len(seconds):.0f}",
+            "n/a", f"{peak:.2f}", per_epoch, f"{wall:.0f}"]
 
 
 def _clock(stamp: str) -> int:
@@ -105,25 +119,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source_caps", type=Path, default=ROOT / "demo_output" / "caps")
     parser.add_argument("--work", type=Path, default=Path("/tmp/clinicadl-app-train-benchmark"))
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--clinicadl", type=Path, help="a venv with ClinicaDL 1.6.1 (../shared/peer recipe)")
     parser.add_argument("--variants", default="fp32,amp")
     args = parser.parse_args()
     work: Path = args.work
+    brains = len(list((args.source_caps / "subjects").glob("sub-*/ses-*")))
+    n_subjects = min(40, 2 * brains)
+    if n_subjects < 12:
+        raise SystemExit(f"{args.source_caps}: {brains} preprocessed images; run the participant level on more")
     if not (work / "caps").exists():
         subprocess.run([sys.executable, "-m", "clinicadl_app.generate", "trivial", str(args.source_caps), str(work),
-                        "--n_subjects", "40"], check=True)
-    (work / "experiment.toml").write_text(CONFIG)
+                        "--n_subjects", str(n_subjects)], check=True)
+    n_subjects = len(list((work / "caps" / "subjects").glob("sub-*")))
+    n_test, n_validation = max(2, round(0.2 * n_subjects)), max(2, round(0.15 * n_subjects))
+    n_train = n_subjects - n_test - n_validation
+    (work / "experiment.toml").write_text(CONFIG.format(n_test=n_test, n_validation=n_validation))
     subprocess.run([sys.executable, str(ROOT / "run.py"), str(work / "bids"), str(work / "out"), "group",
                     "--caps_dir", str(work / "caps"), "--config", str(work / "experiment.toml"), "--stages",
                     "labels", "split"], check=True, capture_output=True)
     variants = {"fp32": ["--no-amp"], "amp": ["--amp"], "fp32-evaluate-train": ["--no-amp", "--evaluate_train"]}
-    rows = [ours(work, name, variants[name], args.epochs) for name in args.variants.split(",")]
+    rows = [ours(work, name, variants[name], args.epochs, n_train) for name in args.variants.split(",")]
     if args.clinicadl:
-        rows.append(clinicadl(work, args.clinicadl, args.epochs))
+        rows.append(clinicadl(work, args.clinicadl, args.epochs, n_train, n_validation))
     print(f"machine: {machine()}")
-    print(f"inputs: 26 training + 6 validation trivial images of 169x208x179 (from {args.source_caps}), "
-          f"Conv5_FC3, batch 4, Adam 1e-4, {args.epochs} epochs, torch threads {os.cpu_count()}")
+    print(f"CPU features: {cpu_features()}")
+    print(f"inputs: {n_train} training + {n_validation} validation trivial images of 169x208x179 (from "
+          f"{args.source_caps}), Conv5_FC3, batch 4, Adam 1e-4, {args.epochs} epochs")
     print(table(["run", "train img/s", "s/epoch (train+eval)", "data wait", "peak RSS GiB",
                  "validation BA per epoch", "wall s"], rows))
     print(json.dumps({"note": "img/s is the training pass only; s/epoch adds BatchNorm recalibration and evaluation"}))
