@@ -119,8 +119,11 @@ def _first_line(error: BaseException) -> str:
     return text.split(". ")[0][:160]
 
 
-def peer_errors() -> tuple[type[BaseException], ...]:
-    """What torch.distributed raises when a peer dies mid-collective."""
+def lost_peer(error: BaseException) -> bool:
+    """Whether torch.distributed raised `error` because a peer died or stopped answering (not a bug of ours)."""
     import torch.distributed as dist
 
-    return tuple(t for t in (getattr(dist, "DistError", None), RuntimeError) if t is not None)
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    words = ("gloo", "nccl", "connection", "peer", "socket", "timed out", "stopped by signal")
+    return isinstance(error, RuntimeError) and any(word in str(error).lower() for word in words)

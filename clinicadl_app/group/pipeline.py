@@ -15,6 +15,7 @@ from dataclasses import replace
 
 from clinicadl_app.core.atomic import write_text
 from clinicadl_app.core.config import Config
+from clinicadl_app.core.distributed import World
 from clinicadl_app.core.errors import ExitCode, UsageError
 from clinicadl_app.core.logs import log_to_file
 from clinicadl_app.layouts.maps import Maps
@@ -27,8 +28,6 @@ IMPLEMENTED = ("labels", "split", "search", "train", "predict", "interpret", "re
 
 
 def run(config: Config) -> ExitCode:
-    from clinicadl_app.core.distributed import World
-
     world = World.from_environment()
     if not world.distributed:
         return run_stages(config)
@@ -45,14 +44,14 @@ def run(config: Config) -> ExitCode:
     return run_distributed(config, world)
 
 
-def run_distributed(config: Config, world) -> ExitCode:
+def run_distributed(config: Config, world: World) -> ExitCode:
     """The main process runs the stages; the others train with it and stop when training ends. A lost peer
     ends every process with one line (exit 75) and the next run resumes from the last completed epoch."""
     import signal
 
     import torch
 
-    from clinicadl_app.core.distributed import peer_errors
+    from clinicadl_app.core.distributed import lost_peer
 
     def stopped(signum, frame):  # torchrun stops the others when one process fails
         raise world.lost(RuntimeError(f"stopped by signal {signal.Signals(signum).name}"))
@@ -74,13 +73,15 @@ def run_distributed(config: Config, world) -> ExitCode:
         run_training(config, layout.splits_dir, layout.maps_dir, world)
         world.barrier()
         return ExitCode.OK
-    except peer_errors() as error:
-        raise world.lost(error) from None
+    except Exception as error:
+        if lost_peer(error):
+            raise world.lost(error) from None
+        raise
     finally:
         world.stop()
 
 
-def run_stages(config: Config, world=None) -> ExitCode:
+def run_stages(config: Config, world: World | None = None) -> ExitCode:
     stages = config.execution.stages
     missing = [stage for stage in stages if stage not in IMPLEMENTED]
     if missing:
