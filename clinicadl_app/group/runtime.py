@@ -1,11 +1,12 @@
 """Where and how a network runs: the device and precision, seeds, memory layout, and the order of the data.
 
-One sampler for every run, torch's DistributedSampler seeded by (seed, epoch): N data-parallel processes each
-take every N-th input of the order one process sees, and a checkpoint resumes on any number of processes.
+The order of an epoch depends on (seed, epoch) only: N data-parallel processes each take every N-th input of
+the order one process draws, and a checkpoint resumes on any number of processes.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
+from torch.utils.data.distributed import DistributedSampler
 
 from clinicadl_app.core.config import Train
 from clinicadl_app.core.distributed import World
@@ -62,18 +64,32 @@ def model_in_shape(model: nn.Module) -> tuple[int, ...]:
 
 def loader(dataset, batch_size: int, settings: Train, device: Device, epoch: int | None = None,
            world: World | None = None) -> DataLoader:
-    """Shuffled by torch's DistributedSampler, seeded by (seed, epoch), when `epoch` is given: the order survives
-    a resume, and N processes each take every N-th input of the order one process would see (padded by a few
-    repeated inputs when the set does not divide by N)."""
+    """Shuffled with a generator seeded by (seed, epoch) when `epoch` is given, so the order survives a resume.
+    Several processes each take every N-th input of the order one process draws (SharedOrder), so together they
+    see one process's batches, and a checkpoint resumes on any number of processes."""
     common = dict(num_workers=settings.num_workers, pin_memory=device.device.type == "cuda", persistent_workers=False)
     if epoch is None:
         return DataLoader(dataset, batch_size=batch_size, shuffle=False, **common)
-    from torch.utils.data.distributed import DistributedSampler
+    seed = settings.seed * 1_000_003 + epoch
+    generator = torch.Generator().manual_seed(seed)
+    if world is None or not world.distributed:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, **common)
+    sampler = SharedOrder(dataset, world.size, world.rank, shuffle=True, seed=seed)
+    return DataLoader(dataset, batch_size=batch_size // world.size, sampler=sampler, generator=generator, **common)
 
-    world = world or World()
-    sampler = DistributedSampler(dataset, world.size, world.rank, shuffle=True, seed=settings.seed * 1_000_003)
-    sampler.set_epoch(epoch)
-    return DataLoader(dataset, batch_size=batch_size // world.size, sampler=sampler, **common)
+
+class SharedOrder(DistributedSampler):
+    """torch's DistributedSampler (padding, interleaved shares) over the permutation a one-process
+    DataLoader(shuffle=True, generator) draws: that DataLoader first takes one int64 from its generator (its
+    workers' base seed), then the permutation. tests/test_distributed.py checks the equality end to end."""
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed)
+        torch.empty((), dtype=torch.int64).random_(generator=generator)
+        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        padding = self.total_size - len(order)
+        order += (order * math.ceil(padding / len(order)))[:padding] if padding > 0 else []
+        return iter(order[self.rank:self.total_size:self.num_replicas])
 
 
 def shard(dataset, world: World | None):
