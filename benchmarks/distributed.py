@@ -23,18 +23,10 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, table  # noqa: E402
+from common import TRIVIAL_SPLIT, machine, table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = """
-[labels]
-column = "diagnosis"
-values = ["AD", "CN"]
-[split]
-n_test = 0.25
-n_splits = 2
-seed = 0
-max_attempts = 20
+CONFIG = TRIVIAL_SPLIT + """
 [train]
 mode = "image"
 architecture = "Conv5_FC3"

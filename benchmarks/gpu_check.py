@@ -23,18 +23,11 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import table  # noqa: E402
+from common import TRIVIAL_SPLIT, table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-CONFIG = """
-[labels]
-column = "diagnosis"
-values = ["AD", "CN"]
-[split]
-n_test = 0.25
-n_splits = 2
-seed = 0
+CONFIG = TRIVIAL_SPLIT + """
 [train]
 epochs = 2
 batch_size = 4
