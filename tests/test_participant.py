@@ -190,6 +190,26 @@ def test_existing_clinica_caps_is_used_without_preprocessing(run_two_jobs, sessi
     assert len(list(clinica.tensor_dir(old_name, "patch").glob("*.pt"))) == 36
 
 
+def test_the_job_as_pid_1_keeps_its_workers(run_two_jobs, sessions_bids, tmp_path):
+    """In a container the job is pid 1: its worker processes must not take that for a dead parent."""
+    out, _ = run_two_jobs
+    caps = Caps(tmp_path / "caps")
+    image = CapsImage("sub-01", "ses-M000", "sub-01_ses-M000")
+    caps.t1_linear(image).parent.mkdir(parents=True)
+    caps.t1_linear(image).write_bytes(Caps(out / "caps").t1_linear(image).read_bytes())
+    command = [sys.executable, str(ROOT / "run.py"), str(sessions_bids), str(tmp_path / "out"), "participant",
+               "--caps_dir", str(caps.root), "--participant_label", "01", "--session_label", "M000",
+               "--modes", "image", "--skip_bids_validator"]
+    pid = subprocess.run(["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc",
+                          sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    assert pid.stdout.strip() == "1", f"unshare cannot make a pid namespace here: {pid.stderr}"
+    done = subprocess.run(["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc", *command],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "worker process died" not in done.stderr
+    assert caps.image_tensor(image).exists()
+
+
 @pytest.mark.slow
 def test_a_registration_that_fails_qc_is_reported_and_left_out_of_labels(tmp_path):
     """A real registration judged against an impossible threshold: written, but said to have failed, and the

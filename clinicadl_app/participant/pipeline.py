@@ -140,7 +140,7 @@ def run_jobs(jobs: list[Job], config: Config, log_file: Path | None = None) -> l
     with tqdm(total=len(jobs), desc="participant", unit="session", disable=None) as progress:
         while pending:
             context = multiprocessing.get_context("spawn")
-            init = (threads, log.level, log_file)
+            init = (threads, log.level, log_file, os.getpid())
             with ProcessPoolExecutor(workers, context, _init_worker, init) as pool:
                 futures: dict[Future[Outcome], Job] = {pool.submit(process, job, config): job for job in pending}
                 try:
@@ -166,8 +166,8 @@ def run_jobs(jobs: list[Job], config: Config, log_file: Path | None = None) -> l
     return [outcomes[job] for job in jobs]
 
 
-def _init_worker(threads: int, level: int, log_file: Path | None) -> None:
-    _die_with_parent()
+def _init_worker(threads: int, level: int, log_file: Path | None, parent: int) -> None:
+    _die_with_parent(parent)
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
@@ -178,15 +178,18 @@ def _init_worker(threads: int, level: int, log_file: Path | None) -> None:
         log_to_file(log_file)
 
 
-def _die_with_parent() -> None:
-    """Linux: the kernel kills this worker when the job's main process dies, even by SIGKILL."""
+def _die_with_parent(parent: int) -> None:
+    """Linux: the kernel kills this worker when the job's main process dies, even by SIGKILL.
+
+    `parent` is the job's pid, not 1: in a container the job itself is pid 1.
+    """
     import ctypes
     import signal
     from contextlib import suppress
 
     with suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() == 1:  # the parent died before the call
+    if os.getppid() != parent:  # the parent died before the call
         os._exit(1)
 
 
