@@ -20,10 +20,11 @@ LABEL org.opencontainers.image.title="clinicadl-app" \
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
-# Debian's Python 3.11 (the torch wheels' ABI), tcmalloc (see clinicadl_app/core/allocator.py), no recommends
+# Debian's Python 3.11 (the torch wheels' ABI), no recommends; the allocator comes from a wheel
+# (cmeel-mimalloc, preloaded by clinicadl-app itself: see clinicadl_app/core/allocator.py)
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
-      python3=3.11.* python3-venv=3.11.* libtcmalloc-minimal4=2.10-* ca-certificates=2023* \
+      python3=3.11.* python3-venv=3.11.* ca-certificates=2023* \
  && rm -rf /var/lib/apt/lists/*
 
 ENV VIRTUAL_ENV=/opt/venv \
@@ -43,7 +44,6 @@ RUN pip install --no-deps /opt/clinicadl-app \
 
 # Read-only root file system: everything written goes to OUTPUT_DIR (or -w WORK_DIR); see cli.scratch()
 ENV CLINICADL_APP_IMAGE="clinicadl-app:${VERSION}" \
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 USER 1000:1000

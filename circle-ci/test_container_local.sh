@@ -85,6 +85,7 @@ for file in maps.json environment.txt report.html groups/train+validation.tsv sp
   test -s "$maps/$file" || { echo "missing $maps/$file"; exit 1; }
 done
 grep -q "container docker clinicadl-app:$VERSION" "$maps/environment.txt"
+grep -q "^allocator mimalloc" "$maps/environment.txt" || { echo "the image did not train with mimalloc"; exit 1; }
 
 step "the outputs are a valid BIDS derivative"
 run --entrypoint bids-validator-deno -v "$WORK/out:/out:ro" -e DENO_DIR=/tmp/deno --tmpfs /tmp "$IMAGE" /out --format json \

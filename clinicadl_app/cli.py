@@ -184,9 +184,9 @@ def setup_logging(config: Config) -> None:
 def run() -> int:
     """The console entry point (run.py, clinicadl-app): main() in a process set up for training."""
     if "group" in sys.argv[1:]:
-        from clinicadl_app.core.allocator import restart_with_tcmalloc
+        from clinicadl_app.core.allocator import restart_with_fast_allocator
 
-        restart_with_tcmalloc()
+        restart_with_fast_allocator()
     return main()
 
 

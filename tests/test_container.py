@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import yaml
@@ -31,6 +32,10 @@ def test_dockerfile_pins_its_base_and_takes_the_version_from_the_version_file():
     assert "USER 1000:1000" in text and "requirements.lock" in text
     locked = [line for line in (ROOT / "requirements.lock").read_text().splitlines() if line and line[0] != "#"]
     assert locked and all("==" in line for line in locked)
+    pinned = {line.split("==")[0].lower().replace("_", "-") for line in locked}
+    wanted = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    missing = {re.split(r"[<>=!;\[ ]", name)[0].lower().replace("_", "-") for name in wanted} - pinned - {"torch"}
+    assert not missing, f"requirements.lock lacks {missing}: regenerate it (see its first lines)"
     definition = (ROOT / "Singularity.def").read_text()
     for section in ("%runscript", "%test", "%labels"):
         assert section in definition

@@ -178,7 +178,7 @@ def test_a_bad_space_is_one_line_naming_the_key(data, tmp_path, entry, expected)
     (root / "bad.toml").write_text(BASE + "[search]\n" + entry + "\n")
     done = command(root, tmp_path / "out", "--stages", "search", config="bad.toml")
     assert done.returncode == ExitCode.USAGE, done.stderr
-    # nothing but the error, apart from log lines (the allocator's, on a machine without tcmalloc)
+    # nothing but the error, apart from log lines (the allocator's, on a machine without mimalloc)
     errors = [line for line in done.stderr.splitlines() if line.strip() and not re.match(r"\d\d:\d\d:\d\d \[INFO\] ", line)]
     assert len(errors) == 1 and expected in errors[0] and "Traceback" not in done.stderr, done.stderr
     assert not (tmp_path / "out" / "search").exists() or not list((tmp_path / "out" / "search").rglob("trial-*"))

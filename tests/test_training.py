@@ -83,6 +83,7 @@ def test_every_maps_file_exists_and_parses(image_run):
     assert record["split"]["split"]["seed"] == 0 and record["seed"] == 0
     environment = (maps / "environment.txt").read_text()
     assert "torch " in environment and "cpu " in environment and "packages:" in environment
+    assert "\nallocator mimalloc\n" in environment, "the pip-installed allocator was not preloaded for training"
     seen = pd.read_csv(maps / "groups" / "train+validation.tsv", sep="\t")
     train = pd.read_csv(out / "splits" / "diagnosis_AD_CN" / "train.tsv", sep="\t")
     assert set(seen.participant_id) == set(train.participant_id)

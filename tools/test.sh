@@ -5,10 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # System packages (Debian), each installed on its own so that one unavailable package does not stop the
-# others: Chromium renders the report in a real browser; tcmalloc is the allocator the container uses;
+# others: Chromium renders the report in a real browser;
 # podman with the OCI runtime that circle-ci/containers.conf names (runc), buildah and debootstrap build and
 # run the container image.
-packages=(chromium libtcmalloc-minimal4 podman runc buildah debootstrap uidmap fuse-overlayfs slirp4netns)
+packages=(chromium podman runc buildah debootstrap uidmap fuse-overlayfs slirp4netns)
 missing=()
 for package in "${packages[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

@@ -1,11 +1,12 @@
 """Memory allocation for training on the CPU.
 
 A 3D CNN allocates and frees gigabytes of activations at every step. glibc serves such blocks with mmap and
-returns them to the system at once, so every step page-faults its memory in again: measured here, half of
-a Conv5_FC3 step on 169x208x179 images was the kernel zeroing pages (1.0 image/s). tcmalloc keeps freed
-memory for reuse (2.4 images/s, 5.1 GB); glibc told to keep it (no mmap, no trimming) gets 2.2 images/s at
-8.4 GB. The container preloads tcmalloc; elsewhere run.py restarts itself with it when the system has it
-(Debian: libtcmalloc-minimal4), and glibc is tuned otherwise.
+returns them to the system at once, so every step page-faults its memory in again: measured here (AMD EPYC,
+2 cores, Conv5_FC3 on 169x208x179 images, batch 4), glibc trains 0.42 img/s; glibc told to keep freed
+memory 0.59 img/s at 6.2 GiB; tcmalloc 0.94 img/s at 5.9 GiB; mimalloc keeping freed memory 0.99 img/s at
+5.4 GiB (benchmarks/allocator.py). mimalloc comes from a pip wheel (cmeel-mimalloc, a dependency), so
+`pip install` alone gives the fast path: run.py restarts itself with it preloaded for the group level.
+The system's tcmalloc is the fallback where the wheel is missing, and glibc is tuned otherwise.
 """
 
 from __future__ import annotations
@@ -59,14 +60,24 @@ def wheel_mimalloc() -> Path | None:
     return next((path for path in sorted(found) if path.exists()), None)
 
 
-def restart_with_tcmalloc() -> None:
-    """Re-execute this command with tcmalloc preloaded when the system has it (once; never under tests)."""
+def best_available() -> tuple[Path, dict[str, str]] | None:
+    """The fastest allocator library this installation has, and the environment it wants."""
+    wheel = wheel_mimalloc()
+    if wheel:
+        return wheel, MIMALLOC_ENV
+    system = system_tcmalloc()
+    return (system, {}) if system else None
+
+
+def restart_with_fast_allocator() -> None:
+    """Re-execute this command with the best allocator preloaded (once; not if one is already preloaded)."""
     if os.environ.get(_GUARD) or preloaded() or not sys.platform.startswith("linux"):
         return
-    library = system_tcmalloc()
-    if library is None:
+    best = best_available()
+    if best is None:
         return
-    env = dict(os.environ, **{_GUARD: "1"})
+    library, settings = best
+    env = {**settings, **os.environ, _GUARD: "1"}  # the user's own MIMALLOC_* settings win
     env["LD_PRELOAD"] = ":".join(filter(None, [str(library), env.get("LD_PRELOAD")]))
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
@@ -82,5 +93,5 @@ def keep_freed_memory() -> str:
         libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
     except (OSError, AttributeError):
         return "system default"
-    log.info("glibc malloc keeps freed memory (install libtcmalloc-minimal4 for the same speed with less memory)")
+    log.info("glibc malloc keeps freed memory (pip install cmeel-mimalloc for more speed with less memory)")
     return "glibc (mmap off, no trimming)"
