@@ -37,7 +37,7 @@ dropout = 0.0
 optimizer = "SGD"
 learning_rate = 0.01
 deterministic = true
-channels_last = false
+memory_layout = "contiguous"
 """
 """Contiguous layout: this CPU's channels-last float32 kernels (BatchNorm's backward above all) give gradients a
 few per cent off the float64 ones, by an amount that depends on the batch each process holds. SGD, not Adam:

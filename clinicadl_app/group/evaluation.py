@@ -52,7 +52,7 @@ class Evaluator:
         columns: dict[str, list] = {"image": [], "part": []}
         extra: dict[str, list] = {}
         total, count = 0.0, 0
-        fmt = memory_format(model, self.settings)
+        fmt = memory_format(model)
         with torch.no_grad():
             for batch in loader(shard(dataset, self.world), self.batch_size, self.settings, self.device):
                 inputs = batch["input"].to(self.device.device, non_blocking=True).contiguous(memory_format=fmt)
@@ -117,7 +117,7 @@ def recompute_batchnorm(model: nn.Module, dataset, n_images: int, settings: Trai
         generator = torch.Generator().manual_seed(settings.seed)
         chosen = torch.randperm(len(dataset), generator=generator)[:n_images].tolist()
     model.train()
-    fmt = memory_format(model, settings)
+    fmt = memory_format(model)
     if world is not None and world.distributed:
         _recompute_sharded(model, dataset, chosen, norms, settings, device, world)
     else:
@@ -137,7 +137,7 @@ def _recompute_sharded(model: nn.Module, dataset, chosen: list[int], norms: list
     from clinicadl_app.group.sync_batchnorm import SyncBatchNorm
 
     synced = any(isinstance(m, SyncBatchNorm) for m in norms)
-    fmt = memory_format(model, settings)
+    fmt = memory_format(model)
     passes = 0
     for start in range(0, len(chosen), settings.batch_size):
         mine = chosen[start:start + settings.batch_size][world.rank::world.size]

@@ -45,7 +45,7 @@ from clinicadl_app.layouts.splits import SplitFolder
 log = logging.getLogger("clinicadl_app")
 
 # settings that do not change a result: a MAPS may be continued with other values of these
-EXECUTION_ONLY = {"folds", "num_workers", "gpu", "channels_last"}
+EXECUTION_ONLY = {"folds", "num_workers", "gpu", "memory_layout"}
 
 
 @dataclass

@@ -6,6 +6,8 @@ the order one process draws, and a checkpoint resumes on any number of processes
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import random
 from contextlib import nullcontext
@@ -20,6 +22,7 @@ from torch.utils.data.distributed import DistributedSampler
 from clinicadl_app.core.config import Train
 from clinicadl_app.core.distributed import World
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class Device:
@@ -32,12 +35,29 @@ class Device:
             dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if settings.amp else None
             return cls(torch.device("cuda", world.local_rank) if world and world.distributed
                        else torch.device("cuda"), dtype)
+        if settings.amp and not native_bfloat16():
+            _warn_once("--amp: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX), so bfloat16 runs in "
+                       "emulation, measured ~10x slower than float32 on an AVX2 CPU; train without --amp here")
         return cls(torch.device("cpu"), torch.bfloat16 if settings.amp else None)
 
     def autocast(self):
         if self.amp_dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def native_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (x86: AVX512-BF16 or AMX; other architectures: assumed)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -51,10 +71,70 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def memory_format(model: nn.Module, settings: Train) -> torch.memory_format:
-    if not settings.channels_last:
-        return torch.contiguous_format
+def channels_last(model: nn.Module) -> torch.memory_format:
     return torch.channels_last_3d if len(model_in_shape(model)) == 4 else torch.channels_last
+
+
+def memory_format(model: nn.Module) -> torch.memory_format:
+    """The layout the model's weights are in: its inputs follow it."""
+    last = channels_last(model)
+    for weight in model.parameters():  # a 1-channel kernel is both contiguous and channels-last: look further
+        if weight.dim() == len(model_in_shape(model)) + 1 and weight.shape[1] > 1:
+            return torch.contiguous_format if weight.is_contiguous() else last
+    return torch.contiguous_format
+
+
+def choose_memory_format(model: nn.Module, settings: Train, device: Device, batch_size: int,
+                         world: World | None = None) -> torch.memory_format:
+    """--memory_layout auto: which layout trains faster depends on the CPU (its oneDNN kernels, AVX-512, AMX)
+    and the precision, so one training step of each is timed here. --deterministic keeps contiguous: a
+    timing must not decide the bits of a result."""
+    if settings.memory_layout == "channels_last":
+        return channels_last(model)
+    if settings.memory_layout == "contiguous" or settings.deterministic:
+        return torch.contiguous_format
+    world = world or World()
+    key = (type(model).__name__, model_in_shape(model), sum(p.numel() for p in model.parameters()), batch_size,
+           str(device.device), device.amp_dtype)
+    if key in _CHOSEN:  # one probe per network shape: not one per fold or per part
+        return _CHOSEN[key]
+    seconds = {}
+    if world.main:
+        for fmt in (channels_last(model), torch.contiguous_format):
+            seconds[fmt] = step_seconds(model, fmt, device, batch_size)
+    faster = world.broadcast(str(min(seconds, key=seconds.get)) if seconds else None)
+    fmt = channels_last(model) if faster == str(channels_last(model)) else torch.contiguous_format
+    if seconds:
+        log.info("memory layout: %s (one training step of batch %d: %s)",
+                 "channels-last" if fmt != torch.contiguous_format else "contiguous", batch_size,
+                 ", ".join(f"{'channels-last' if f != torch.contiguous_format else 'contiguous'} {s:.2f} s"
+                           for f, s in seconds.items()))
+    _CHOSEN[key] = fmt
+    return fmt
+
+
+_CHOSEN: dict[tuple, torch.memory_format] = {}
+
+
+def step_seconds(model: nn.Module, fmt: torch.memory_format, device: Device, batch_size: int) -> float:
+    """Forward and backward of a copy of the model on random inputs (after one warm-up step); the model, its
+    BatchNorm statistics and the random number generators are left as they were."""
+    import copy
+    import time
+
+    trial = copy.deepcopy(model).to(device.device, memory_format=fmt).train()
+    with torch.random.fork_rng(devices=[device.device] if device.device.type == "cuda" else []):
+        inputs = torch.rand(batch_size, *model_in_shape(model), device=device.device).contiguous(memory_format=fmt)
+        elapsed = 0.0
+        for _ in range(2):
+            start = time.perf_counter()
+            with device.autocast():
+                output = trial(inputs)
+            output.float().sum().backward()
+            if device.device.type == "cuda":
+                torch.cuda.synchronize(device.device)
+            elapsed = time.perf_counter() - start
+    return elapsed
 
 
 

@@ -1,8 +1,8 @@
 """The training loop of one network on one fold: evaluation, model selection, early stopping, checkpoints.
 
-Fast on the CPU: channels-last memory layout, optional bfloat16 autocast, batched evaluation, no
-re-evaluation of the training set unless asked (ClinicaDL spends ~40 % of its epoch on it); BatchNorm
-statistics recomputed before each evaluation (evaluation.py).
+Fast on the CPU: the faster memory layout for this machine (runtime.choose_memory_format), optional
+bfloat16 autocast, batched evaluation, no re-evaluation of the training set unless asked (ClinicaDL spends
+~40 % of its epoch on it); BatchNorm statistics recomputed before each evaluation (evaluation.py).
 
 State is saved atomically after every epoch; a killed run resumes at the next epoch, and with
 --deterministic on the CPU ends with the same weights as an uninterrupted run.
@@ -35,7 +35,7 @@ from clinicadl_app.core.distributed import World
 from clinicadl_app.group.data import PartDataset
 from clinicadl_app.group.evaluation import Evaluator, recompute_batchnorm
 from clinicadl_app.group.metrics import better
-from clinicadl_app.group.runtime import Device, loader, memory_format
+from clinicadl_app.group.runtime import Device, choose_memory_format, loader, memory_format
 from clinicadl_app.group.tasks import Reconstruction, Task
 from clinicadl_app.layouts.maps import Maps
 
@@ -84,7 +84,8 @@ class Trainer:
             from clinicadl_app.group.sync_batchnorm import convert
 
             self.model = model = convert(model)
-        self.model.to(device.device, memory_format=memory_format(model, settings))
+        self.model.to(device.device, memory_format=choose_memory_format(
+            model, settings, device, max(1, settings.batch_size // self.world.size), self.world))
         self.trainable: nn.Module = self.model
         """What the training steps call: the model, or its DistributedDataParallel wrapper."""
         if self.world.distributed:
@@ -152,7 +153,7 @@ class Trainer:
         log_path = self.maps.training_log(self.fold, self.network)
         if self.state.rows and self.world.main:
             write_tsv(log_path, pd.DataFrame(self.state.rows))
-        fmt = memory_format(self.model, settings)
+        fmt = memory_format(self.model)
         while self.state.epoch < settings.epochs and not self.state.stopped:
             epoch = self.state.epoch
             train.epoch = epoch

@@ -1,0 +1,85 @@
+"""The memory layout a network trains in: chosen per machine by timing one step of each, without touching the
+model, its BatchNorm statistics or the random number generators; fixed by --deterministic or by the user."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+import torch
+
+from clinicadl_app.core.config import Train
+from clinicadl_app.group import runtime
+from clinicadl_app.group.networks import build_network
+
+SHAPE = (1, 84, 104, 90)  # a 2 mm image
+
+
+@pytest.fixture(autouse=True)
+def no_cached_choice():
+    runtime._CHOSEN.clear()
+    yield
+    runtime._CHOSEN.clear()
+
+
+def network() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_network("Conv5_FC3", SHAPE, 2)
+
+
+def test_auto_times_both_layouts_and_takes_the_faster_leaving_model_and_generators_alone(caplog):
+    model = network()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    device = runtime.Device(torch.device("cpu"), None)
+    state = torch.get_rng_state()
+    with caplog.at_level(logging.INFO, logger=runtime.log.name):
+        chosen = runtime.choose_memory_format(model, Train(), device, batch_size=2)
+    assert torch.equal(torch.get_rng_state(), state), "the probe consumed random numbers"
+    after = model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before), "the probe changed the model"
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("memory layout")]
+    times = dict((name, float(seconds)) for name, seconds in re.findall(r"(channels-last|contiguous) ([\d.]+) s", line))
+    assert set(times) == {"channels-last", "contiguous"}
+    faster = min(times, key=times.get)
+    assert chosen == (torch.channels_last_3d if faster == "channels-last" else torch.contiguous_format)
+    assert line.startswith(f"memory layout: {faster}")
+    # one probe per network shape: a second fold (or part network) reuses the choice without timing again
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=runtime.log.name):
+        assert runtime.choose_memory_format(network(), Train(), device, batch_size=2) == chosen
+    assert not [r for r in caplog.records if r.getMessage().startswith("memory layout")]
+
+
+@pytest.mark.parametrize(("settings", "expected"), [
+    (Train(memory_layout="channels_last"), torch.channels_last_3d),
+    (Train(memory_layout="contiguous"), torch.contiguous_format),
+    (Train(deterministic=True), torch.contiguous_format),
+    (Train(deterministic=True, memory_layout="channels_last"), torch.channels_last_3d),
+])
+def test_a_layout_given_or_deterministic_is_not_timed(settings, expected, caplog):
+    model = network()
+    with caplog.at_level(logging.INFO, logger=runtime.log.name):
+        chosen = runtime.choose_memory_format(model, settings, runtime.Device(torch.device("cpu"), None), 2)
+    assert chosen == expected and not caplog.records
+    model.to(memory_format=chosen)
+    assert runtime.memory_format(model) == expected, "inputs must follow the layout of the model's weights"
+
+
+def test_the_probe_runs_under_the_chosen_precision():
+    """--amp: the steps timed are bfloat16 autocast steps, as training runs them (the hook travels with the copy)."""
+    model = network()
+    seen = []
+    model.convolutions[0].register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    runtime.step_seconds(model, torch.contiguous_format, runtime.Device(torch.device("cpu"), torch.bfloat16), 1)
+    assert seen == [torch.bfloat16] * 2
+
+
+def test_amp_on_a_cpu_without_bfloat16_instructions_is_told_it_will_be_slow(caplog):
+    runtime._warn_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger=runtime.log.name):
+        device = runtime.Device.choose(Train(amp=True, gpu=False))
+    assert device.amp_dtype == torch.bfloat16, "--amp is what the user asked: warned about, not overridden"
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    warned = [r for r in caplog.records if "no bfloat16 instructions" in r.getMessage()]
+    assert len(warned) == (0 if native else 1)
