@@ -74,7 +74,8 @@ def main() -> None:
             run("glibc, mmap off, no trimming", args.steps, None, {}, tuned=True)]
     wheel = allocator.wheel_mimalloc()
     if wheel:
-        rows.append(run("mimalloc (pip wheel), app settings", args.steps, str(wheel), allocator.MIMALLOC_ENV, False))
+        settings = allocator.mimalloc_settings()
+        rows.append(run("mimalloc (pip wheel), app settings", args.steps, str(wheel), settings, False))
         rows.append(run("mimalloc (pip wheel), its defaults", args.steps, str(wheel), {}, False))
     system = allocator.system_tcmalloc()
     if system:

@@ -11,6 +11,7 @@ import math
 import torch
 from torch import nn
 
+from .fused import ConvBlocks
 from .layers import layers
 
 
@@ -40,7 +41,7 @@ def _features(in_shape: tuple[int, ...], channels: tuple[int, ...], pool: bool, 
     for width in channels:
         modules += _conv_block(kind, previous, width, pool, stride)
         previous = width
-    return nn.Sequential(*modules)
+    return ConvBlocks(*modules)
 
 
 def output_shape(module: nn.Module, in_shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -35,13 +35,21 @@ class PadMaxPool(nn.Module):
             pads += [missing, 0]
         return tuple(pads)
 
+    def fast_path(self, shape: torch.Size) -> bool:
+        """One voxel of padding before an odd axis gives the same windows as symmetric padding of one with the
+        last, incomplete window dropped: then the pooling pads itself instead of copying a padded tensor."""
+        return (self.nonnegative and not self.return_indices and self.kernel_size == 2 == self.stride
+                and max(self.padding(shape)) <= 1)
+
+    def padding_arguments(self, shape: torch.Size) -> tuple[int, ...]:
+        """The fast path's `padding` argument of max_pool (first axis first)."""
+        return tuple(self.padding(shape)[::2][::-1])
+
     def forward(self, x: torch.Tensor):
         pad = self.padding(x.shape)
         pool = F.max_pool3d if self.spatial_dims == 3 else F.max_pool2d
-        if self.nonnegative and not self.return_indices and self.kernel_size == 2 == self.stride and max(pad) <= 1:
-            # one voxel of padding before an odd axis gives the same windows as symmetric padding of one
-            # with the last, incomplete window dropped: pool in place instead of copying a padded tensor
-            return pool(x, 2, 2, padding=tuple(pad[::2][::-1]))
+        if self.fast_path(x.shape):
+            return pool(x, 2, 2, padding=self.padding_arguments(x.shape))
         if any(pad):
             x = F.pad(x, pad)
         if self.return_indices:

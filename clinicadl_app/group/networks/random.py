@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .cnn import CNN, output_shape
+from .fused import ConvBlocks
 from .layers import layers
 
 NORMALISATIONS = ("BatchNorm", "InstanceNorm", "GroupNorm")
@@ -59,7 +60,7 @@ def random_cnn(in_shape: tuple[int, ...], output_size: int, dropout: float, spec
             previous = width
         if spec.d_reduction == "MaxPooling":
             modules.append(kind.pool(2, 2, nonnegative=True))
-    convolutions = nn.Sequential(*modules)
+    convolutions = ConvBlocks(*modules)
     flat = math.prod(output_shape(convolutions, in_shape))
     ratio = (flat / output_size) ** (1 / spec.n_fcblocks)
     head: list[nn.Module] = [nn.Flatten(), nn.Dropout(p=dropout)]
