@@ -24,6 +24,7 @@ from clinicadl_app.core.distributed import World
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class Device:
     device: torch.device
@@ -78,8 +79,8 @@ def channels_last(model: nn.Module) -> torch.memory_format:
 def memory_format(model: nn.Module) -> torch.memory_format:
     """The layout the model's weights are in: its inputs follow it."""
     last = channels_last(model)
-    for weight in model.parameters():  # a 1-channel kernel is both contiguous and channels-last: look further
-        if weight.dim() == len(model_in_shape(model)) + 1 and weight.shape[1] > 1:
+    for weight in model.parameters():  # a 1-channel or 1x1 kernel is both contiguous and channels-last
+        if weight.dim() == len(model_in_shape(model)) + 1 and weight.shape[1] > 1 and max(weight.shape[2:]) > 1:
             return torch.contiguous_format if weight.is_contiguous() else last
     return torch.contiguous_format
 
