@@ -21,10 +21,10 @@ LABEL org.opencontainers.image.title="clinicadl-app" \
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # Debian's Python 3.11 (the torch wheels' ABI), no recommends; the allocator comes from a wheel
-# (cmeel-mimalloc, preloaded by clinicadl-app itself: see clinicadl_app/core/allocator.py)
+# (cmeel-mimalloc, preloaded by clinicadl-app itself: see clinicadl_app/core/allocator.py), which needs libatomic
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
-      python3=3.11.* python3-venv=3.11.* ca-certificates=2023* \
+      python3=3.11.* python3-venv=3.11.* libatomic1=12.* ca-certificates=2023* \
  && rm -rf /var/lib/apt/lists/*
 
 ENV VIRTUAL_ENV=/opt/venv \

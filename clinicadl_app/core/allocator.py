@@ -88,7 +88,20 @@ def restart_with_fast_allocator() -> None:
     library, settings = best
     env = {**settings, **os.environ, _GUARD: "1"}  # the user's own MIMALLOC_* settings win
     env["LD_PRELOAD"] = ":".join(filter(None, [str(library), env.get("LD_PRELOAD")]))
+    if not _starts(env):  # e.g. a system without the library's own dependencies (libatomic): stay on glibc
+        log.warning("%s cannot be preloaded here; training with glibc's allocator (slower)", library.name)
+        return
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def _starts(env: dict[str, str]) -> bool:
+    """Whether Python starts with this environment's preload (a missing dependency fails only at exec)."""
+    import subprocess
+
+    try:
+        return subprocess.run([sys.executable, "-c", ""], env=env, capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
 
 
 def keep_freed_memory() -> str:
