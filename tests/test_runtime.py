@@ -89,3 +89,25 @@ def test_amp_on_a_cpu_without_bfloat16_instructions_is_told_it_will_be_slow(capl
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     warned = [r for r in caplog.records if "no bfloat16 instructions" in r.getMessage()]
     assert len(warned) == (0 if native else 1)
+
+
+def test_an_allocator_that_cannot_be_preloaded_leaves_python_on_glibc(tmp_path):
+    """A preload whose own dependency is missing (as libatomic was in the image) would stop every exec: the
+    restart checks first."""
+    import os
+    import shutil
+    import subprocess
+
+    from clinicadl_app.core import allocator
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    assert compiler, "the tests need a C compiler (gcc) to build a broken library"
+    (tmp_path / "dep.c").write_text("int dep(void) { return 1; }\n")
+    (tmp_path / "lib.c").write_text("int dep(void);\nint use(void) { return dep(); }\n")
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", tmp_path / "libdep.so", tmp_path / "dep.c"], check=True)
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", tmp_path / "libbroken.so", tmp_path / "lib.c",
+                    f"-L{tmp_path}", "-ldep"], check=True)
+    (tmp_path / "libdep.so").unlink()
+    broken = {**os.environ, "LD_PRELOAD": str(tmp_path / "libbroken.so")}
+    assert not allocator._starts(broken)
+    assert allocator._starts(dict(os.environ))
