@@ -9,7 +9,8 @@ process and reads its training.tsv: images per second in the training pass, seco
 time spent waiting for data, peak resident memory, and the validation balanced accuracy after each epoch;
 and prints the CPU's vector and matrix engines, the allocator and the threads each run used. With
 --clinicadl (a venv holding ClinicaDL 1.6.1, see ../shared/peer), ClinicaDL trains on the same CAPS tensors
-and the same split files; its training-pass speed and per-epoch BA are read from its own log.
+and the same split files; its epoch time, training-pass speed and per-epoch validation loss are read from its own
+log (it records no per-epoch BA).
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def ours(work: Path, name: str, extra: list[str], epochs: int, n_train: int) -> 
     setting = f"{allocator.group(1) if allocator else '?'}, {threads.group(1) if threads else '?'} threads"
     return [f"clinicadl-app {name} ({setting})", f"{log.images_per_second.mean():.2f}", f"{epoch_seconds:.0f}",
             f"{100 * log.data_wait_share.mean():.1f} %", f"{peak:.2f}",
-            " ".join(f"{v:.2f}" for v in log.BA_validation), f"{wall:.0f}"]
+            " ".join(f"{v:.2f}" for v in log.BA_validation), " ".join(f"{v:.2f}" for v in log.loss_validation),
+            f"{wall:.0f}"]
 
 
 def clinicadl(work: Path, venv: Path, epochs: int, n_train: int, n_validation: int) -> list[object]:
@@ -93,21 +95,25 @@ def clinicadl(work: Path, venv: Path, epochs: int, n_train: int, n_validation: i
     wall, peak = timed(command, work / "clinicadl.log")
     metrics = pd.read_csv(maps / "split-0" / "best-loss" / "validation" / "validation_image_level_metrics.tsv",
                           sep="\t")
-    # ClinicaDL 1.6.1 writes no per-epoch rows unless evaluation_steps > 0: time its epochs from its log. Each
-    # epoch is: training pass, evaluation of the whole training set (logged), evaluation of the validation set
-    # (logged); the training set's evaluation is estimated from the validation one's pace.
+    # ClinicaDL 1.6.1 writes no per-epoch metrics (training.tsv and tensorboard stay empty unless
+    # evaluation_steps > 0) and logs the training and validation losses in the same second at the end of each
+    # epoch, after its training pass and its evaluation of the training and validation sets. The evaluation pace
+    # is read from its final evaluation of the selected model on the training set (load -> logged loss), and the
+    # training pass is the epoch minus that pace times the images evaluated.
     text = (work / "clinicadl.log").read_text()
-    start = re.search(r"^(\d\d:\d\d:\d\d) - Criterion", text, re.MULTILINE).group(1)
-    trained = re.findall(r"^(\d\d:\d\d:\d\d) - image level training loss", text, re.MULTILINE)
-    ends = re.findall(r"^(\d\d:\d\d:\d\d) - image level validation loss", text, re.MULTILINE)
-    accuracies = re.findall(r"image level validation loss.*?balanced_accuracy[^0-9]*([0-9.]+)", text)
-    seconds = [_clock(b) - _clock(a) for a, b in zip([start, *ends[:-1]], ends, strict=True)]
-    validating = [_clock(b) - _clock(a) for a, b in zip(trained, ends, strict=True)]
-    passes = [total - v * (1 + n_train / n_validation) for total, v in zip(seconds, validating, strict=True)]
+    stamp = r"^(\d\d:\d\d:\d\d) - "
+    start = re.search(stamp + "Criterion", text, re.MULTILINE).group(1)
+    ends = re.findall(stamp + r"image level validation loss is ([0-9.]+) at the end of", text, re.MULTILINE)
+    loaded = re.search(stamp + "Loading model trained for split 0", text, re.MULTILINE).group(1)
+    evaluated = re.search(stamp + "image level train loss is .* for model selected", text, re.MULTILINE).group(1)
+    pace = (_clock(evaluated) - _clock(loaded)) / n_train
+    seconds = [_clock(b) - _clock(a) for a, b in zip([start, *(t for t, _ in ends[:-1])], (t for t, _ in ends),
+                                                      strict=True)]
+    passes = [total - pace * (n_train + n_validation) for total in seconds]
     speed = n_train * len(passes) / sum(passes) if sum(passes) > 0 else float("nan")
-    per_epoch = " ".join(f"{float(a):.2f}" for a in accuracies) or f"best-loss model: {float(metrics.BA.iloc[0]):.2f}"
     return ["ClinicaDL 1.6.1 (2 data processes)", f"{speed:.2f} (from its log)", f"{sum(seconds) / len(seconds):.0f}",
-            "n/a", f"{peak:.2f}", per_epoch, f"{wall:.0f}"]
+            "n/a", f"{peak:.2f}", f"best-loss model: {float(metrics.BA.iloc[0]):.2f} (none logged per epoch)",
+            " ".join(f"{float(loss):.2f}" for _, loss in ends), f"{wall:.0f}"]
 
 
 def _clock(stamp: str) -> int:
@@ -121,7 +127,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/clinicadl-app-train-benchmark"))
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--clinicadl", type=Path, help="a venv with ClinicaDL 1.6.1 (../shared/peer recipe)")
-    parser.add_argument("--variants", default="fp32,amp")
+    parser.add_argument("--variants", default="fp32,amp", help="comma-separated: fp32, amp, fp32-evaluate-train")
     args = parser.parse_args()
     work: Path = args.work
     brains = len(list((args.source_caps / "subjects").glob("sub-*/ses-*")))
@@ -147,7 +153,7 @@ def main() -> None:
     print(f"inputs: {n_train} training + {n_validation} validation trivial images of 169x208x179 (from "
           f"{args.source_caps}), Conv5_FC3, batch 4, Adam 1e-4, {args.epochs} epochs")
     print(table(["run", "train img/s", "s/epoch (train+eval)", "data wait", "peak RSS GiB",
-                 "validation BA per epoch", "wall s"], rows))
+                 "validation BA per epoch", "validation loss per epoch", "wall s"], rows))
     print(json.dumps({"note": "img/s is the training pass only; s/epoch adds BatchNorm recalibration and evaluation"}))
 
 

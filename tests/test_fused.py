@@ -146,3 +146,19 @@ def test_autocast_and_hooks_fall_back_to_the_modules():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         step(model, torch.rand(2, 1, 20, 24, 20))
     assert seen == [torch.float32, torch.bfloat16]
+
+
+def test_a_hook_on_the_convolution_sees_its_output_intact_after_backward():
+    """The folded backward writes dx over the convolution's output, unless something may hold that output."""
+    torch.manual_seed(5)
+    shape = (1, 32, 40, 26)
+    model = build_network("Conv5_FC3", shape, 2).to(memory_format=torch.channels_last_3d)
+    inputs = torch.rand(2, *shape).contiguous(memory_format=torch.channels_last_3d)
+    kept = []
+    model.convolutions[0].register_forward_hook(lambda module, args, output: kept.append(output))
+    reference = plain(model)
+    out, state, _ = step(model, inputs)
+    out_ref, state_ref, _ = step(reference, inputs)
+    close(state["grad:convolutions.0.weight"], state_ref["grad:convolutions.0.weight"])
+    with torch.no_grad():
+        assert torch.equal(kept[0], model.convolutions[0](inputs))

@@ -29,6 +29,7 @@ from torch import nn
 from .layers import PadMaxPool
 
 _NORMS = (nn.BatchNorm2d, nn.BatchNorm3d)
+_CONVOLUTIONS = (nn.Conv2d, nn.Conv3d)
 _WIDE = 16
 """Channels from which torch's channels-last BatchNorm kernels reach their speed."""
 
@@ -41,7 +42,7 @@ class ConvBlocks(nn.Sequential):
         i = 0
         while i < len(modules):
             if i + 2 < len(modules) and torch.is_grad_enabled() and _fusable(x, *modules[i:i + 3]):
-                x = _fused(x, modules[i], modules[i + 2])
+                x = _fused(x, modules[i], modules[i + 2], i > 0 and _unobserved_convolution(modules[i - 1]))
                 i += 3
             elif not torch.is_grad_enabled() and folding(x) > 1 and _plain_norm(x, modules[i]):
                 x = _train_norm(x, modules[i])
@@ -50,6 +51,12 @@ class ConvBlocks(nn.Sequential):
                 x = modules[i](x)
                 i += 1
         return x
+
+
+def _unobserved_convolution(module: nn.Module) -> bool:
+    """Its output is held by nothing but the next module: torch's convolution backward keeps its input."""
+    return (isinstance(module, _CONVOLUTIONS) and not module._forward_hooks
+            and not nn.modules.module._global_forward_hooks)
 
 
 def _plain_norm(x: torch.Tensor, norm: nn.Module) -> bool:
@@ -120,14 +127,15 @@ def _train_norm(x: torch.Tensor, norm: nn.modules.batchnorm._BatchNorm) -> torch
     return _normalise(x, norm.weight, norm.bias, mean, var, norm.eps, k)
 
 
-def _fused(x: torch.Tensor, norm: nn.modules.batchnorm._BatchNorm, pool: PadMaxPool) -> torch.Tensor:
+def _fused(x: torch.Tensor, norm: nn.modules.batchnorm._BatchNorm, pool: PadMaxPool, overwrite: bool) -> torch.Tensor:
+    """`overwrite`: x is a convolution's output, which nothing but this node keeps."""
     k = folding(x)
     if k > 1:
         with torch.no_grad():
             mean, var = _statistics(x, k, norm.eps)
             _update_running(norm, mean, var, x.numel() // x.shape[1])
         return _FoldedBatchNormReLUPool.apply(x, norm.weight, norm.bias, mean, var, norm.eps,
-                                              pool.padding_arguments(x.shape))
+                                              pool.padding_arguments(x.shape), overwrite)
     norm.num_batches_tracked.add_(1)
     factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
     return _BatchNormReLUPool.apply(x, norm.weight, norm.bias, norm.running_mean, norm.running_var, factor,
@@ -176,11 +184,11 @@ class _FoldedBatchNormReLUPool(torch.autograd.Function):
     into the channels' sums; then dx = w * invstd * (dy - mean(dy) - x_hat * mean(dy * x_hat)) in two passes."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, var, eps, padding):
+    def forward(ctx, x, weight, bias, mean, var, eps, padding, overwrite):
         k = folding(x)
         out, indices = _pool(_normalise(x, weight, bias, mean, var, eps, k).relu_(), padding)
         ctx.save_for_backward(x, weight, mean, var, indices, out > 0)
-        ctx.eps, ctx.padding, ctx.k = eps, padding, k
+        ctx.eps, ctx.padding, ctx.k, ctx.overwrite = eps, padding, k, overwrite
         return out
 
     @staticmethod
@@ -197,5 +205,8 @@ class _FoldedBatchNormReLUPool(torch.autograd.Function):
         scale = weight * invstd
         slope = -scale * invstd * grad_weight / count
         offset = -scale * grad_bias / count - slope * mean
-        grad_x = torch.addcmul(offset.repeat(k), rows, slope.repeat(k)).addcmul_(grad_y, scale.repeat(k))
-        return _unrows(grad_x, x), grad_weight, grad_bias, None, None, None, None
+        # written over x when ConvBlocks says nothing else holds it (a convolution's output: its backward keeps
+        # its input, not its output), so that backward needs no third tensor of this size
+        grad_x = torch.addcmul(offset.repeat(k), rows, slope.repeat(k), out=rows if ctx.overwrite else None)
+        grad_x.addcmul_(grad_y, scale.repeat(k))
+        return _unrows(grad_x, x), grad_weight, grad_bias, None, None, None, None, None
