@@ -98,6 +98,8 @@ def _statistics(x: torch.Tensor, k: int, eps: float) -> tuple[torch.Tensor, torc
     """Per-channel mean and biased variance of a folded tensor, combined from its k column groups."""
     rows = _rows(x, k)
     width = rows.shape[1]
+    # the kernel's normalised output is discarded: CPUs have no statistics-only kernel (batch_norm_stats is
+    # CUDA's), and this pass still costs a quarter of the 8-channel one
     _, means, invstd = torch.ops.aten.native_batch_norm(rows, torch.ones(width), torch.zeros(width), None, None,
                                                        True, 0.0, eps)
     means = means.view(k, -1)
@@ -111,10 +113,16 @@ def _normalise(x: torch.Tensor, weight, bias, mean, var, eps: float, k: int) -> 
     return _unrows(y, x)
 
 
-def _update_running(norm: nn.modules.batchnorm._BatchNorm, mean, var, count: int) -> None:
-    """As nn.BatchNorm: momentum, or a cumulative average when momentum is None; unbiased variance."""
+def _next_batch(norm: nn.modules.batchnorm._BatchNorm) -> float:
+    """Counts the batch; the running statistics' update factor, as nn.BatchNorm: its momentum, or a cumulative
+    average when momentum is None."""
     norm.num_batches_tracked.add_(1)
-    factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+    return 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+
+
+def _update_running(norm: nn.modules.batchnorm._BatchNorm, mean, var, count: int) -> None:
+    """As nn.BatchNorm, with the unbiased variance."""
+    factor = _next_batch(norm)
     norm.running_mean.lerp_(mean, factor)
     norm.running_var.lerp_(var * (count / max(count - 1, 1)), factor)
 
@@ -136,9 +144,7 @@ def _fused(x: torch.Tensor, norm: nn.modules.batchnorm._BatchNorm, pool: PadMaxP
             _update_running(norm, mean, var, x.numel() // x.shape[1])
         return _FoldedBatchNormReLUPool.apply(x, norm.weight, norm.bias, mean, var, norm.eps,
                                               pool.padding_arguments(x.shape), overwrite)
-    norm.num_batches_tracked.add_(1)
-    factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
-    return _BatchNormReLUPool.apply(x, norm.weight, norm.bias, norm.running_mean, norm.running_var, factor,
+    return _BatchNormReLUPool.apply(x, norm.weight, norm.bias, norm.running_mean, norm.running_var, _next_batch(norm),
                                     norm.eps, pool.padding_arguments(x.shape))
 
 
