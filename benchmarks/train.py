@@ -127,8 +127,13 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/clinicadl-app-train-benchmark"))
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--clinicadl", type=Path, help="a venv with ClinicaDL 1.6.1 (../shared/peer recipe)")
-    parser.add_argument("--variants", default="fp32,amp", help="comma-separated: fp32, amp, fp32-evaluate-train")
+    parser.add_argument("--variants", help="comma-separated: fp32, amp, fp32-evaluate-train (default: fp32, and "
+                        "amp where the CPU computes bfloat16 in hardware; elsewhere it is emulated, ~10x slower)")
     args = parser.parse_args()
+    if args.variants is None:
+        from clinicadl_app.group.runtime import native_bfloat16
+
+        args.variants = "fp32,amp" if native_bfloat16() else "fp32"
     work: Path = args.work
     brains = len(list((args.source_caps / "subjects").glob("sub-*/ses-*")))
     n_subjects = min(40, 2 * brains)
