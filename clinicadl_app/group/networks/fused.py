@@ -53,9 +53,14 @@ class ConvBlocks(nn.Sequential):
         return x
 
 
+def _observed(module: nn.Module) -> bool:
+    """Hooks may read or keep what the module sees or gives, so it must run as a module."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
+
+
 def _unobserved_convolution(module: nn.Module) -> bool:
     """Its output is held by nothing but the next module: torch's convolution backward keeps its input."""
-    return (isinstance(module, _CONVOLUTIONS) and not module._forward_hooks
+    return (isinstance(module, _CONVOLUTIONS) and not _observed(module)
             and not nn.modules.module._global_forward_hooks)
 
 
@@ -63,13 +68,12 @@ def _plain_norm(x: torch.Tensor, norm: nn.Module) -> bool:
     """A BatchNorm module in training mode that nothing observes, on float32 without autocast."""
     return (type(norm) in _NORMS and norm.training and norm.track_running_stats and norm.affine
             and x.dtype == torch.float32 == norm.weight.dtype and not torch.is_autocast_enabled(x.device.type)
-            and not (norm._forward_hooks or norm._forward_pre_hooks or norm._backward_hooks))
+            and not _observed(norm))
 
 
 def _fusable(x: torch.Tensor, norm: nn.Module, relu: nn.Module, pool: nn.Module) -> bool:
     return (_plain_norm(x, norm) and isinstance(relu, nn.ReLU) and isinstance(pool, PadMaxPool)
-            and pool.fast_path(x.shape) and not any(m._forward_hooks or m._forward_pre_hooks or
-                                                    m._backward_hooks for m in (relu, pool)))
+            and pool.fast_path(x.shape) and not _observed(relu) and not _observed(pool))
 
 
 def folding(x: torch.Tensor) -> int:
@@ -128,22 +132,25 @@ def _update_running(norm: nn.modules.batchnorm._BatchNorm, mean, var, count: int
 
 
 @torch.no_grad()
-def _train_norm(x: torch.Tensor, norm: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
-    k = folding(x)
+def _batch_statistics(x: torch.Tensor, norm: nn.modules.batchnorm._BatchNorm, k: int):
+    """The folded batch's mean and biased variance, after updating the module's running statistics with them."""
     mean, var = _statistics(x, k, norm.eps)
     _update_running(norm, mean, var, x.numel() // x.shape[1])
-    return _normalise(x, norm.weight, norm.bias, mean, var, norm.eps, k)
+    return mean, var
+
+
+@torch.no_grad()
+def _train_norm(x: torch.Tensor, norm: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
+    k = folding(x)
+    return _normalise(x, norm.weight, norm.bias, *_batch_statistics(x, norm, k), norm.eps, k)
 
 
 def _fused(x: torch.Tensor, norm: nn.modules.batchnorm._BatchNorm, pool: PadMaxPool, overwrite: bool) -> torch.Tensor:
     """`overwrite`: x is a convolution's output, which nothing but this node keeps."""
     k = folding(x)
     if k > 1:
-        with torch.no_grad():
-            mean, var = _statistics(x, k, norm.eps)
-            _update_running(norm, mean, var, x.numel() // x.shape[1])
-        return _FoldedBatchNormReLUPool.apply(x, norm.weight, norm.bias, mean, var, norm.eps,
-                                              pool.padding_arguments(x.shape), overwrite)
+        return _FoldedBatchNormReLUPool.apply(x, norm.weight, norm.bias, *_batch_statistics(x, norm, k), norm.eps,
+                                              pool.padding_arguments(x.shape), k, overwrite)
     return _BatchNormReLUPool.apply(x, norm.weight, norm.bias, norm.running_mean, norm.running_var, _next_batch(norm),
                                     norm.eps, pool.padding_arguments(x.shape))
 
@@ -190,8 +197,7 @@ class _FoldedBatchNormReLUPool(torch.autograd.Function):
     into the channels' sums; then dx = w * invstd * (dy - mean(dy) - x_hat * mean(dy * x_hat)) in two passes."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, var, eps, padding, overwrite):
-        k = folding(x)
+    def forward(ctx, x, weight, bias, mean, var, eps, padding, k, overwrite):
         out, indices = _pool(_normalise(x, weight, bias, mean, var, eps, k).relu_(), padding)
         ctx.save_for_backward(x, weight, mean, var, indices, out > 0)
         ctx.eps, ctx.padding, ctx.k, ctx.overwrite = eps, padding, k, overwrite
@@ -215,4 +221,4 @@ class _FoldedBatchNormReLUPool(torch.autograd.Function):
         # its input, not its output), so that backward needs no third tensor of this size
         grad_x = torch.addcmul(offset.repeat(k), rows, slope.repeat(k), out=rows if ctx.overwrite else None)
         grad_x.addcmul_(grad_y, scale.repeat(k))
-        return _unrows(grad_x, x), grad_weight, grad_bias, None, None, None, None, None
+        return _unrows(grad_x, x), grad_weight, grad_bias, None, None, None, None, None, None
