@@ -420,3 +420,60 @@ def test_reproduce_draws_the_recorded_split_and_retrains_identical_weights(trivi
     both = run_app(trivial / "bids", tmp_path / "x", "group", "--reproduce", original, "--config",
                    trivial / "experiment.toml")
     assert both.returncode == ExitCode.USAGE and both.stderr.count("\n") == 1
+
+
+def test_a_checkpoint_written_in_the_background_holds_its_epoch_and_the_next_step_waits(tmp_path, monkeypatch):
+    """The checkpoint's write overlaps the next batch: what that batch changes (BatchNorm's buffers in its
+    forward; the weights and Adam's moments at the optimiser's step, which waits for the write) never reaches
+    the file, however slow the disk."""
+    import copy
+    import threading
+
+    from clinicadl_app.core import atomic
+    from clinicadl_app.core.config import Train
+    from clinicadl_app.group.networks import build_network
+    from clinicadl_app.group.runtime import Device, memory_format
+    from clinicadl_app.group.tasks import Classification
+    from clinicadl_app.group.training import Trainer
+    from clinicadl_app.layouts.maps import Maps
+
+    torch.manual_seed(0)
+    trainer = Trainer(model=build_network("Conv5_FC3", (1, 24, 28, 24), 2), task=Classification(["AD", "CN"]),
+                      settings=Train(), maps=Maps(tmp_path / "maps" / "experiment"), fold=0, network=None,
+                      selection=("loss",), device=Device(torch.device("cpu"), None), evaluator=None)
+    inputs, target = torch.rand(2, 1, 24, 28, 24), torch.tensor([0, 1])
+
+    def batch() -> None:
+        trainer.model.train()
+        out = trainer.model(inputs.contiguous(memory_format=memory_format(trainer.model)))
+        trainer.criterion(out, target).backward()
+
+    batch()
+    trainer.step()  # Adam has moments to save
+    weights = copy.deepcopy(trainer.model.state_dict())
+    moments = copy.deepcopy(trainer.optimizer.state_dict()["state"])
+    disk = threading.Event()
+    write = atomic.save_torch
+    monkeypatch.setattr(atomic, "save_torch", lambda payload, path: disk.wait() and write(payload, path))
+    try:
+        trainer.save_checkpoint()
+        batch()
+        stepping = threading.Thread(target=trainer.step)
+        stepping.start()
+        stepping.join(timeout=2)
+        waited = stepping.is_alive()
+    finally:
+        disk.set()
+    stepping.join(timeout=60)
+    trainer.saves.close()
+    assert waited, "the optimiser's step did not wait for the checkpoint's write"
+    saved = torch.load(trainer.maps.checkpoint(0, None), weights_only=False)
+    now = trainer.model.state_dict()
+    for name, tensor in weights.items():
+        assert torch.equal(saved["model"][name], tensor), name
+    assert not torch.equal(now["convolutions.1.running_mean"], weights["convolutions.1.running_mean"])
+    assert not torch.equal(now["convolutions.0.weight"], weights["convolutions.0.weight"])
+    for index, state in moments.items():
+        for key, tensor in state.items():
+            assert torch.equal(saved["optimizer"]["state"][index][key], tensor), key
+    assert saved["state"]["step"] == 1 and trainer.state.step == 2

@@ -15,6 +15,7 @@ gathered, so every process takes the same decisions (best model, early stop); on
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
@@ -29,7 +30,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from clinicadl_app.core.atomic import save_torch, write_tsv
+from clinicadl_app.core.atomic import BackgroundSaves, write_tsv
 from clinicadl_app.core.config import Train
 from clinicadl_app.core.distributed import World
 from clinicadl_app.group.data import PartDataset
@@ -103,19 +104,27 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if device.amp_dtype == torch.float16 else None
         self.criterion = task.loss().to(device.device)
         self.state = State()
+        self.saves = BackgroundSaves()
 
     # --- checkpoints ---------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
         if not self.world.main:
             return
         payload = {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "state": self.state.__dict__, "torch_rng": torch.get_rng_state(),
+            "model": self._weights(), "optimizer": self.optimizer.state_dict(),
+            "state": copy.deepcopy(self.state.__dict__), "torch_rng": torch.get_rng_state(),
             "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
         }
         if torch.cuda.is_available():
             payload["cuda_rng"] = torch.cuda.get_rng_state_all()
-        save_torch(payload, self.maps.checkpoint(self.fold, self.network))
+        self.saves.save(payload, self.maps.checkpoint(self.fold, self.network))
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        """The state dict for a background save: buffers copied (a training forward changes BatchNorm's), the
+        parameters and the optimiser's state shared (only the optimiser's step changes them, and it waits for
+        the saves)."""
+        buffers = {name for name, _ in self.model.named_buffers()}
+        return {name: tensor.clone() if name in buffers else tensor for name, tensor in self.model.state_dict().items()}
 
     def resume(self) -> bool:
         path = self.maps.checkpoint(self.fold, self.network)
@@ -141,12 +150,18 @@ class Trainer:
     def save_model(self, metric: str) -> None:
         if not self.world.main:
             return
-        payload = {"model": self.model.state_dict(), "epoch": self.state.epoch, "step": self.state.step,
+        payload = {"model": self._weights(), "epoch": self.state.epoch, "step": self.state.step,
                    "name": self.settings.architecture, "metric": metric, "value": self.state.best[metric]}
-        save_torch(payload, self.maps.model(self.fold, metric, self.network))
+        self.saves.save(payload, self.maps.model(self.fold, metric, self.network))
 
     # --- the loop -----------------------------------------------------------------------------------
     def fit(self, train: PartDataset, validation, train_eval) -> None:
+        try:
+            self._fit(train, validation, train_eval)
+        finally:  # every checkpoint and model on disk before anything reads them
+            self.saves.close()
+
+    def _fit(self, train: PartDataset, validation, train_eval) -> None:
         settings = self.settings
         self.resume()
         writer = self._tensorboard() if self.world.main else None
@@ -181,13 +196,7 @@ class Trainer:
                     scaled = loss / settings.accumulation_steps
                     (self.scaler.scale(scaled) if self.scaler else scaled).backward()
                 if stepping:
-                    if self.scaler:
-                        self.scaler.step(self.optimizer)
-                        self.scaler.update()
-                    else:
-                        self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.state.step += 1
+                    self.step()
                 losses.append(float(loss.detach()) * len(inputs))
                 seen += len(inputs) * self.world.size
                 tick = time.perf_counter()
@@ -206,6 +215,16 @@ class Trainer:
             self.save_checkpoint()
         if writer:
             writer.close()
+
+    def step(self) -> None:
+        self.saves.wait()  # the checkpoint and models being written read the weights this step changes
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
 
     def _synchronising(self, stepping: bool):
         """Gradients are averaged across processes only at the batch that updates the weights."""
