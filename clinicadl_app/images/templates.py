@@ -52,11 +52,20 @@ def resample_nearest(mask: np.ndarray, mask_affine: np.ndarray, shape: tuple[int
 
 
 def brain_mask(shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
-    """The template brain mask on any grid of the template space (cropped, downsampled...)."""
+    """The template brain mask on any grid of the template space (cropped, downsampled...); read-only: the
+    images of a CAPS share their grid, so it is computed once per grid (0.8 s each at 1 mm)."""
+    return _brain_mask(tuple(int(n) for n in shape), tuple(np.asarray(affine, dtype=float).ravel().tolist()))
+
+
+@cache
+def _brain_mask(shape: tuple[int, ...], affine: tuple[float, ...]) -> np.ndarray:
     import nibabel as nib
 
     mask_img = nib.load(str(path(MNI_BRAIN_MASK)))
-    return resample_nearest(np.asanyarray(mask_img.dataobj) > 0.5, mask_img.affine, shape, affine)
+    mask = resample_nearest(np.asanyarray(mask_img.dataobj) > 0.5, mask_img.affine, shape,
+                            np.array(affine).reshape(4, 4))
+    mask.setflags(write=False)
+    return mask
 
 
 def template_on(shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
