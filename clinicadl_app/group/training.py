@@ -4,7 +4,8 @@ Fast on the CPU: the faster memory layout for this machine (runtime.choose_memor
 bfloat16 autocast, batched evaluation, no re-evaluation of the training set unless asked (ClinicaDL spends
 ~40 % of its epoch on it); BatchNorm statistics recomputed before each evaluation (evaluation.py).
 
-State is saved atomically after every epoch; a killed run resumes at the next epoch, and with
+State is saved atomically after every epoch, by a background thread while the next batch computes (the
+optimiser's step waits for it); a killed run resumes at the next epoch, and with
 --deterministic on the CPU ends with the same weights as an uninterrupted run.
 
 Data-parallel (torchrun, srun): each process takes an interleaved share of every global batch, so N processes
