@@ -282,4 +282,3 @@ class _PoolFirstBatchNormReLU(torch.autograd.Function):
         grad_x = torch.addcmul(offset.repeat(k), rows, slope.repeat(k), out=rows if ctx.overwrite else None)
         grad_x.addcmul_(_rows(_unpool(grad, x, indices, ctx.padding), k), scale.repeat(k))
         return _unrows(grad_x, x), grad_weight, grad_bias, None, None, None, None, None, None
-
