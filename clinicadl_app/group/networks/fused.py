@@ -193,8 +193,9 @@ def _normalised_pool(x, weight, bias, mean, var, eps: float, padding, indices: b
     the voxels the pooling chose, and their indices if asked."""
     scale = weight * (var + eps).rsqrt()
     shift = bias - mean * scale
-    sign = torch.where(scale < 0, -1.0, 1.0)
-    flip = bool((scale < 0).any())  # BatchNorm's weights start at 1: in practice seldom
+    negative = scale < 0
+    sign = torch.where(negative, -1.0, 1.0)
+    flip = bool(negative.any())  # BatchNorm's weights start at 1: in practice seldom
     pooled = _pool(_affine(x, sign) if flip else x, padding, indices)
     chosen = _affine(pooled[0], sign) if flip else pooled[0]
     return _affine(chosen, scale, shift).relu_(), chosen, pooled[1] if indices else None
