@@ -111,3 +111,47 @@ def test_an_allocator_that_cannot_be_preloaded_leaves_python_on_glibc(tmp_path):
     broken = {**os.environ, "LD_PRELOAD": str(tmp_path / "libbroken.so")}
     assert not allocator._starts(broken)
     assert allocator._starts(dict(os.environ))
+
+
+def test_prefaulted_memory_is_resident_and_reused_by_the_next_allocations(tmp_path):
+    """The memory touched before the first training step is what the step's tensors get: no new pages for them."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "prefault.py"
+    script.write_text("""
+import re
+from clinicadl_app.core import allocator
+allocator.restart_with_fast_allocator()
+import torch
+
+def rss():
+    return int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
+
+torch.ones(10).sum()  # torch's own first-use memory, before counting
+n = 512 * 2**20
+before = rss()
+touched = allocator.prefault(n)
+after_touch = rss()
+again = allocator.prefault(n)
+tensors = [torch.ones(n // 16) for _ in range(3)]  # 3/4 of it written in full, in blocks of another size
+after_use = rss()
+print(allocator.preloaded(), touched, again, after_touch - before, after_use - after_touch)
+""")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True)
+    name, touched, again, grown, more = done.stdout.split()
+    n = 512 * 2**20
+    assert name == "mimalloc"
+    assert int(touched) == n and int(again) == 0  # once per process
+    assert int(grown) > 0.9 * n  # really touched
+    assert int(more) < 0.1 * n  # and reused
+
+
+def test_first_activation_bytes_is_the_first_convolutions_output():
+    from clinicadl_app.group.runtime import Device, first_activation_bytes
+
+    model = build_network("Conv5_FC3", (1, 30, 36, 30), 2)
+    out = model.convolutions[0](torch.zeros(3, 1, 30, 36, 30))
+    cpu = Device(torch.device("cpu"), None)
+    assert first_activation_bytes(model, 3, cpu) == out.numel() * 4
+    assert first_activation_bytes(model, 3, Device(torch.device("cpu"), torch.bfloat16)) == out.numel() * 2

@@ -150,6 +150,17 @@ def step_seconds(model: nn.Module, fmt: torch.memory_format, device: Device, bat
     return elapsed
 
 
+def first_activation_bytes(model: nn.Module, batch_size: int, device: Device) -> int:
+    """The first convolution's output for one batch: the largest activation of a CNN over whole images, kept for
+    backward and matched by its gradient, so a training step's fresh memory is at least twice this."""
+    conv = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))), None)
+    if conv is None:
+        return 0
+    inputs = torch.empty(batch_size, conv.in_channels, *model_in_shape(model)[1:], device="meta")
+    shape = conv._conv_forward(inputs, conv.weight.to("meta"), None).shape
+    return math.prod(shape) * (device.amp_dtype.itemsize if device.amp_dtype else 4)
+
+
 def model_in_shape(model: nn.Module) -> tuple[int, ...]:
     return tuple(model.in_shape)
 
