@@ -1,6 +1,6 @@
 """The default group run, all stages, in patch, roi and slice mode on a trivial dataset (left hemisphere
 darkened for AD, right for CN): it completes, the maps are stitched into the MNI image grid with a sidecar,
-the report shows them over the template, and the two class maps lean to opposite sides."""
+the report shows them over the template, and the AD map leans further toward AD's side than the CN map."""
 
 from __future__ import annotations
 
@@ -87,8 +87,12 @@ def test_default_run_interprets_parts_in_mni_space(mode, trivial, tmp_path):
         if mode != "roi":
             assert sidecar["covered_fraction"] < 1 and sidecar["uncovered_voxels"].startswith("0")
         ratios[label] = _left_right(path)
-    # the AD and CN maps lean to opposite hemispheres (which one depends on the mode: not tested)
-    assert (ratios["AD"] - 1) * (ratios["CN"] - 1) < 0, ratios
+    # AD images differ on the left, CN images on the right: the AD map leans further left than the CN map. The
+    # ratio of the two ratios cancels what both classes share (how one trained network, or each hemisphere's
+    # own network in roi mode, weighs the hemispheres overall), which moves both maps' lean with the training's
+    # rounding: a correct model (test BA 1.0) once gave {'AD': 1.55, 'CN': 1.05}, seeds 4-7 of this data with
+    # AVX2 or AVX-512 kernels gave AD/CN 1.35-1.82 in every mode
+    assert ratios["AD"] / ratios["CN"] > 1.25, ratios
     page = (maps / "report.html").read_text()
     assert "Attribution and error maps" in page and f"mode-{mode}_desc-gradients (one colour scale" in page
     if mode == "patch":  # inference is reproducible: interpreting again writes the same maps
