@@ -2,8 +2,9 @@
 
     python benchmarks/gpu_check.py [--work /tmp/gpu-check]
 
-1. A group run (labels, split, 2 epochs of training, predict) on 2 mm brains with --amp: it trains on cuda,
-   and predicting twice gives identical probabilities (eval mode on the GPU).
+1. A group run (labels, split, 2 epochs of training, predict) on 2 mm brains with --amp: it trains on cuda
+   (its training pass's images per second, from training.tsv), and predicting twice gives identical
+   probabilities (eval mode on the GPU).
 2. One Conv5_FC3 training step on 169x208x179 images, batch 8: float32, float16 and bfloat16 autocast,
    contiguous and channels-last, cudnn.benchmark on: images per second and peak GPU memory.
 3. With 2 GPUs or more: torchrun --nproc_per_node 2 --sync_batchnorm (NCCL) trains and writes one MAPS.
@@ -85,6 +86,9 @@ def main() -> int:
     failed |= not ok
     if ok:
         (maps,) = (work / "out" / "maps").iterdir()
+        logs = [pd.read_csv(t, sep="\t") for t in sorted(maps.glob("split-*/training_logs/training.tsv"))]
+        rows.append(["the run's training pass (2 mm, batch 4, --amp)",
+                     " ".join(f"{log.images_per_second.mean():.0f}" for log in logs) + " img/s per split"])
         tables = sorted(maps.glob("split-*/best-*/test/test_image_level_prediction.tsv"))
         first = [pd.read_csv(t, sep="\t") for t in tables]
         again = app(*group, "--stages", "predict", "--amp")

@@ -199,3 +199,36 @@ def test_negative_batchnorm_weights_pool_the_minimum_in_training_recalibration_a
         reference(inputs)
     for (name, buffer), expected in zip(model.named_buffers(), reference.buffers(), strict=True):
         close(buffer, expected, name)
+
+
+def relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.double() - expected.double()).norm() / expected.double().norm())
+
+
+def test_bfloat16_autocast_in_channels_last_is_fused_and_as_close_to_float32_as_the_modules():
+    """Under the CPU's bfloat16 autocast, a channels-last block (8 channels: folded) runs the node, with the ReLU
+    output not kept: its output, gradients and running statistics are as close to float32 as torch's own
+    bfloat16 modules (the convolution's bias before BatchNorm has no gradient in exact arithmetic: not compared)."""
+    torch.manual_seed(7)
+    shape = (1, 32, 40, 26)
+    model = build_network("Conv5_FC3", shape, 2).to(memory_format=torch.channels_last_3d)
+    block = type(model.convolutions)(*model.convolutions[:4])  # convolution, BatchNorm, ReLU, pooling
+    modules, exact = nn.Sequential(*copy.deepcopy(block)), nn.Sequential(*copy.deepcopy(block))
+    inputs = torch.rand(3, *shape).contiguous(memory_format=torch.channels_last_3d)
+    out_exact, state_exact, _ = step(exact, inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, state, kept = step(block, inputs)
+        out_modules, state_modules, kept_modules = step(modules, inputs)
+    assert kept_modules - kept >= 3 * 8 * 32 * 40 * 26 * 2  # at least the bfloat16 ReLU output
+    assert relative(out, out_exact) <= 1.25 * relative(out_modules, out_exact) + 1e-4
+    for name in set(state_exact) - {"grad:0.bias"}:
+        error, error_modules = relative(state[name], state_exact[name]), relative(state_modules[name], state_exact[name])
+        assert error <= 1.25 * error_modules + 1e-4, (name, error, error_modules)
+    for network in (block, modules, exact):
+        network.eval()
+    with torch.no_grad():
+        expected = exact(inputs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            evaluated = block(inputs)
+            assert torch.equal(evaluated, block(inputs))  # inference is repeatable
+            assert relative(evaluated, expected) <= 1.25 * relative(modules(inputs), expected) + 1e-4

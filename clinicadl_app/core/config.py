@@ -228,8 +228,8 @@ class Train:
                                   "(all processes), as one process computes them")
     num_workers: int = option(0, "data loading processes (0: load in the training process)")
     memory_layout: Literal["auto", "probe", "channels_last", "contiguous"] = option(
-        "auto", "tensor memory layout; auto: channels-last, but contiguous for bfloat16 on a CPU (the faster on "
-        "the CPUs measured); probe: time one training step of each at start and take the faster (not with "
+        "auto", "tensor memory layout; auto: channels-last (the faster on the CPUs measured, float32 and "
+        "bfloat16); probe: time one training step of each at start and take the faster (not with "
         "--deterministic); contiguous float32 results depend less on how the batch is split")
     folds: tuple[int, ...] = option((), "folds to train (default: all); one cluster job per fold", flags=("--split",),
                                     metavar="FOLD")

@@ -89,13 +89,15 @@ def choose_memory_format(model: nn.Module, settings: Train, device: Device, batc
                          world: World | None = None) -> torch.memory_format:
     """Which layout trains faster depends on the CPU (its oneDNN kernels, AVX-512, AMX) and the precision.
 
-    auto is a rule from measurements, so that two runs of one command give the same bits: channels-last,
-    but contiguous for bfloat16 on the CPU (an AMX Xeon, batch 4 of 1 mm images: fp32 channels-last 0.86
-    img/s vs contiguous 0.56, bf16 0.81 vs 0.96; an AVX2 EPYC, fp32: 1.05 vs 0.95). probe times one
-    training step of each layout here and takes the faster: fastest, but a timing then decides the rounding
-    of the result, so --deterministic uses the rule instead.
+    auto is a rule from measurements, so that two runs of one command give the same bits: channels-last, where
+    the CPU's BatchNorm-ReLU-pool blocks run fused (networks/fused.py), in float32 and in bfloat16 (an AVX2
+    EPYC, batch 4 of 1 mm images, fp32: 1.05 img/s vs 0.95 contiguous; an AVX512-BF16 EPYC, a bfloat16 step:
+    4.0 vs 1.9). Before the bfloat16 blocks were fused, an AMX Xeon measured bf16 0.81 channels-last vs 0.96
+    contiguous: probe is there for such a machine. probe times one training step of each layout here and
+    takes the faster: fastest, but a timing then decides the rounding of the result, so --deterministic uses
+    the rule instead.
     """
-    rule = torch.contiguous_format if device.device.type == "cpu" and device.amp_dtype else channels_last(model)
+    rule = channels_last(model)
     if settings.memory_layout == "channels_last":
         return channels_last(model)
     if settings.memory_layout == "contiguous":
