@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from clinicadl_app.group.networks import build_network
-from clinicadl_app.group.networks.fused import _statistics, folding
+from clinicadl_app.group.networks.fused import ConvBlocks, _statistics, folding
+from clinicadl_app.group.networks.layers import PadMaxPool
 from clinicadl_app.group.networks.random import RandomSpec, random_cnn
 
 
@@ -242,3 +243,28 @@ def test_bfloat16_autocast_in_channels_last_is_fused_and_as_close_to_float32_as_
             evaluated = block(inputs)
             assert torch.equal(evaluated, block(inputs))  # inference is repeatable
             assert relative(evaluated, expected) <= 1.25 * relative(modules(inputs), expected) + 1e-4
+
+
+def test_a_bfloat16_convolution_over_two_voxels_of_depth_runs_in_float32():
+    """torch 2.13's bfloat16 3D convolution (oneDNN on AVX512-BF16) leaves its weight gradient undefined where
+    the input is 2 voxels deep (NaN, or another value at each call): ConvBlocks runs such a layer in float32,
+    so the gradient is finite, the same every time, and float32's. Memory full of NaN is freed before each call
+    so that a read of memory the kernel did not write shows."""
+    torch.manual_seed(8)
+    convolution = nn.Conv3d(16, 32, 3, padding=1)
+    blocks = ConvBlocks(convolution, nn.BatchNorm3d(32), nn.ReLU(), PadMaxPool(2, 2)).to(
+        memory_format=torch.channels_last_3d)
+    inputs = torch.randn(4, 16, 2, 6, 5).contiguous(memory_format=torch.channels_last_3d)
+
+    def gradient(amp: bool) -> torch.Tensor:
+        freed = [torch.full((2**20,), float("nan")) for _ in range(4)]
+        del freed
+        blocks.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = blocks(inputs)
+        (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return convolution.weight.grad.clone()
+
+    expected = gradient(amp=False)
+    for _ in range(3):
+        close(gradient(amp=True), expected, "convolution weight")
