@@ -296,6 +296,9 @@ def train_fold(config: Config, maps: Maps, data: FoldData, transfer, report=None
                           train_evaluator=train_evaluator, report=report, world=world)
         trainer.fit(_restrict(data.train_set, parts), _restrict(data.validation_set, parts),
                     _restrict(data.train_eval, parts))
+        # the trained model, its gradients and the optimiser's moments (4x the weights) are on disk now: freed
+        # before the next network or the selected models are loaded, which reuse their memory
+        del trainer, model, evaluator, train_evaluator
     world.barrier()  # the best models are on disk before the main process reads them back
     if world.main:
         write_results(config, maps, data, metrics, device)
