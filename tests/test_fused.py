@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from clinicadl_app.group.networks import build_network
+from clinicadl_app.group.networks.autoencoder import AutoEncoder
 from clinicadl_app.group.networks.fused import ConvBlocks, _statistics, folding
 from clinicadl_app.group.networks.layers import PadMaxPool
 from clinicadl_app.group.networks.random import RandomSpec, random_cnn
@@ -268,3 +269,24 @@ def test_a_bfloat16_convolution_over_two_voxels_of_depth_runs_in_float32():
     expected = gradient(amp=False)
     for _ in range(3):
         close(gradient(amp=True), expected, "convolution weight")
+
+
+def test_an_autoencoder_over_two_voxels_of_depth_has_defined_gradients_in_bfloat16():
+    """The same for the autoencoder's own loops: its last encoder convolution and first transposed convolution
+    see 2 voxels of depth (Conv5_FC3 on 32 voxels), and every weight gradient is finite and repeatable."""
+    torch.manual_seed(9)
+    model = AutoEncoder(build_network("Conv5_FC3", (1, 32, 40, 36), 2)).to(memory_format=torch.channels_last_3d)
+    inputs = torch.rand(2, 1, 32, 40, 36).contiguous(memory_format=torch.channels_last_3d)
+
+    def gradients() -> list[torch.Tensor]:
+        freed = [torch.full((2**20,), float("nan")) for _ in range(4)]
+        del freed
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            (model(inputs).float() - inputs).square().mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    first = gradients()
+    assert all(bool(g.isfinite().all()) for g in first)
+    for again in (gradients(), gradients()):
+        assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))

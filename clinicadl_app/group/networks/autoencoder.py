@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .cnn import CNN
+from .fused import run_layer
 from .layers import CropMaxUnpool, PadMaxPool
 
 
@@ -33,9 +34,9 @@ class AutoEncoder(nn.Module):
                 x, indices, pad = layer(x)
                 saved.append((indices, pad))
             else:
-                x = layer(x)
+                x = run_layer(layer, x)
         for layer in self.decoder:
-            x = layer(x, *saved.pop()) if isinstance(layer, CropMaxUnpool) else layer(x)
+            x = layer(x, *saved.pop()) if isinstance(layer, CropMaxUnpool) else run_layer(layer, x)
         if x.shape[2:] != size:  # strided convolutions may round sizes: crop or pad back
             x = x[(slice(None), slice(None), *(slice(0, s) for s in size))]
             pad = [p for s, o in zip(reversed(size), reversed(x.shape[2:]), strict=True) for p in (0, s - o)]

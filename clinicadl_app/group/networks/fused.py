@@ -66,22 +66,25 @@ class ConvBlocks(nn.Sequential):
                     continue
             if not torch.is_grad_enabled() and folding(x) > 1 and _plain_norm(x, modules[i]) and modules[i].training:
                 x = _train_norm(x, modules[i])
-            elif _undefined_in_bfloat16(x, modules[i]):
-                with torch.autocast("cpu", enabled=False):
-                    x = modules[i](x.float())
             else:
-                x = modules[i](x)
+                x = run_layer(modules[i], x)
             i += 1
         return x
 
 
-def _undefined_in_bfloat16(x: torch.Tensor, module: nn.Module) -> bool:
-    """torch 2.13's bfloat16 3D convolution on the CPU (oneDNN's AVX512-BF16 kernels) gives an undefined weight
-    gradient, NaN or different at each call, where its input is 2 voxels deep and its kernel deeper than 1
-    (Conv5_FC3's last layer on 32-voxel patches): such a layer runs in float32."""
-    return (isinstance(module, nn.Conv3d) and x.dim() == 5 and x.shape[2] == 2 and module.kernel_size[0] > 1
-            and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+def run_layer(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x); in float32 where torch 2.13's bfloat16 kernel on the CPU (oneDNN's AVX512-BF16) leaves the
+    weight gradient undefined, NaN or different at each call: a 3D convolution, plain or transposed, whose input
+    is 2 voxels deep and whose kernel is deeper than 1 (Conv5_FC3's last layer on 32-voxel patches)."""
+    if (isinstance(module, nn.Conv3d | nn.ConvTranspose3d) and x.dim() == 5 and x.shape[2] == 2
+            and module.kernel_size[0] > 1 and x.device.type == "cpu" and _cpu_bfloat16_autocast()):
+        with torch.autocast("cpu", enabled=False):
+            return module(x.float())
+    return module(x)
+
+
+def _cpu_bfloat16_autocast() -> bool:
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
 def _observed(module: nn.Module) -> bool:
@@ -105,7 +108,7 @@ def _plain_norm(x: torch.Tensor, norm: nn.Module) -> bool:
 def _handled_precision(x: torch.Tensor) -> bool:
     if not torch.is_autocast_enabled(x.device.type):
         return x.dtype == torch.float32
-    return (x.dtype == torch.bfloat16 == torch.get_autocast_dtype("cpu") and _channels_last_cpu(x))
+    return x.dtype == torch.bfloat16 and _cpu_bfloat16_autocast() and _channels_last_cpu(x)
 
 
 def _fusable(x: torch.Tensor, norm: nn.Module, relu: nn.Module, pool: nn.Module) -> bool:
