@@ -88,7 +88,8 @@ def main() -> None:
     print(f"machine: {machine()}; engines: {cpu_features()}; allocator: {allocator.preloaded() or 'glibc'}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"inputs: Conv5_FC3, batch {args.batch} of 1x{'x'.join(map(str, args.shape))} random images, "
-          f"{'bfloat16 autocast' if args.amp else 'float32'}, fused Adam; a warm-up, then {args.steps} of each timed and {args.steps} steps profiled")
+          f"{'bfloat16 autocast' if args.amp else 'float32'}, fused Adam; a warm-up, then {args.steps} of each "
+          f"timed and {args.steps} steps profiled")
     for name, fmt in (("channels-last", torch.channels_last_3d), ("contiguous", torch.contiguous_format)):
         seconds, rows = profile_layout(fmt, args)
         print(f"\n{name}: {seconds['step']:.2f} s/step ({args.batch / seconds['step']:.2f} img/s), "

@@ -477,3 +477,35 @@ def test_a_checkpoint_written_in_the_background_holds_its_epoch_and_the_next_ste
         for key, tensor in state.items():
             assert torch.equal(saved["optimizer"]["state"][index][key], tensor), key
     assert saved["state"]["step"] == 1 and trainer.state.step == 2
+
+
+def test_a_float16_run_resumes_with_its_loss_scale(tmp_path):
+    """float16 autocast (GPUs without bfloat16) scales the loss; the scale and its growth counter are training
+    state: a resumed run must not restart them (at 65536, it would skip steps until the scale backs off)."""
+    from clinicadl_app.core.config import Train
+    from clinicadl_app.group.networks import build_network
+    from clinicadl_app.group.runtime import Device, memory_format
+    from clinicadl_app.group.tasks import Classification
+    from clinicadl_app.group.training import Trainer
+    from clinicadl_app.layouts.maps import Maps
+
+    def trainer() -> Trainer:
+        torch.manual_seed(0)
+        return Trainer(model=build_network("Conv5_FC3", (1, 24, 28, 24), 2), task=Classification(["AD", "CN"]),
+                       settings=Train(), maps=Maps(tmp_path / "maps" / "experiment"), fold=0, network=None,
+                       selection=("loss",), device=Device(torch.device("cpu"), torch.float16), evaluator=None)
+
+    first = trainer()
+    inputs, target = torch.rand(2, 1, 24, 28, 24), torch.tensor([0, 1])
+    with first.device.autocast():
+        out = first.model(inputs.contiguous(memory_format=memory_format(first.model)))
+    first.scaler.scale(first.criterion(out.float(), target)).backward()
+    first.step()  # one finite step: the scale's growth counter is at 1
+    saved = first.scaler.state_dict()
+    assert saved["_growth_tracker"] == 1
+    first.save_checkpoint()
+    first.saves.close()
+    resumed = trainer()
+    assert resumed.scaler.state_dict() != saved  # a fresh scaler, before resuming
+    assert resumed.resume()
+    assert resumed.scaler.state_dict() == saved

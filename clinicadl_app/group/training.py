@@ -105,7 +105,8 @@ class Trainer:
                 self.model, device_ids=[device.device.index] if device.device.type == "cuda" else None,
                 gradient_as_bucket_view=True)  # no copy of every gradient into the communication buffers
         self.optimizer = make_optimizer(self.model, settings)
-        self.scaler = torch.amp.GradScaler("cuda") if device.amp_dtype == torch.float16 else None
+        # float16 needs loss scaling; its scale is training state, checkpointed with the optimiser's
+        self.scaler = torch.amp.GradScaler(device.device.type) if device.amp_dtype == torch.float16 else None
         self.criterion = task.loss().to(device.device)
         self.state = State()
         self.saves = BackgroundSaves()
@@ -121,6 +122,8 @@ class Trainer:
         }
         if torch.cuda.is_available():
             payload["cuda_rng"] = torch.cuda.get_rng_state_all()
+        if self.scaler:
+            payload["scaler"] = self.scaler.state_dict()
         self.saves.save(payload, self.maps.checkpoint(self.fold, self.network))
 
     def _weights(self) -> dict[str, torch.Tensor]:
@@ -138,6 +141,8 @@ class Trainer:
         payload = torch.load(path, map_location=self.device.device, weights_only=False)
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
+        if self.scaler and "scaler" in payload:
+            self.scaler.load_state_dict(payload["scaler"])
         self.state = State(**payload["state"])
         torch.set_rng_state(payload["torch_rng"])
         np.random.set_state(payload["numpy_rng"])
