@@ -122,3 +122,19 @@ def test_every_mode_and_method_gives_an_image_sized_map_twice_the_same(mode, met
         left[BOXES["leftHalf"]], right_only[BOXES["rightHalf"]] = True, True
         assert (silenced.result()[left & ~right_only] == 0).all(), "a part that does not vote adds nothing"
         np.testing.assert_allclose(silenced.result()[right_only & ~left], 2 * values[right_only & ~left], rtol=1e-5)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_a_whole_image_is_what_the_image_mode_network_sees_and_parts_are_cut_from_it(normalize, setting):
+    """The reconstruction example (interpret) shows PartDataset.image: the same values as an image-mode item, and
+    a patch item is the same cut of it (one normalisation, with the whole image's range, for every mode)."""
+    store, caps = setting
+    whole = PartDataset(store, _spec("image", store, caps), [torch.zeros(())], normalize=normalize)
+    image = whole.image(0)
+    assert torch.equal(image, whole[0]["input"])
+    low, high = store.range(0)
+    assert float(image.min()) == pytest.approx(0.0 if normalize else low)
+    assert float(image.max()) == pytest.approx(1.0 if normalize else high)
+    patches = PartDataset(store, _spec("patch", store, caps), [torch.zeros(())], normalize=normalize)
+    item = patches[3]
+    assert torch.equal(item["input"], patches.spec.cut(image, int(item["part"])).float())

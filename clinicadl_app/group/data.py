@@ -152,14 +152,22 @@ class PartDataset(Dataset):
         image, part = divmod(index, len(self.parts))
         return image, self.parts[part]
 
+    def _scaled(self, values: torch.Tensor, image_index: int) -> torch.Tensor:
+        """What the network sees of an image or part: min-max normalised with the whole image's range."""
+        if self.normalize:
+            low, high = self.store.range(image_index)
+            return (values.float() - low) / (high - low if high > low else 1.0)
+        return values.float().clone()  # never hand out the memory map itself
+
+    def image(self, image_index: int) -> torch.Tensor:
+        """A whole image as the network's input sees it (no augmentation)."""
+        return self._scaled(self.store.image(image_index), image_index)
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         image_index, position = self.locate(index)
         part = self.spec.cut(self.store.image(image_index), self.spec.ids[position])
-        if self.normalize:
-            low, high = self.store.range(image_index)
-            part = (part.float() - low) / (high - low if high > low else 1.0)
-        elif self.spec.mode == "image":
-            part = part.float().clone()  # never hand out the memory map itself
+        if self.normalize or self.spec.mode == "image":
+            part = self._scaled(part, image_index)
         if self.transform is not None:
             part = augment.seeded(self.transform, part, hash((self.seed, self.epoch, index)) % 2**63)
         return {"input": part, "target": self.targets[image_index],

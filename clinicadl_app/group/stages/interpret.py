@@ -152,9 +152,7 @@ def _weighting(mode: str, factors: dict[int, float] | None) -> str | dict:
 def _example(models, dataset: PartDataset, path: Path, rows: pd.DataFrame, layer: int, device: torch.device,
              batch: int) -> None:
     """Input, output and absolute difference of the group's first image: what the report shows."""
-    low, high = dataset.store.range(0)
-    image = dataset.store.image(0)[0].float().numpy()
-    given = (image - low) / (high - low if high > low else 1.0) if dataset.normalize else image
+    given = dataset.image(0)[0].numpy()
     output = image_map(models, dataset, 0, RECONSTRUCTION, None, layer, None, device, batch).result()
     participant, session = rows.iloc[0][KEYS]
     figure = map_figures.panels([("input", given), ("output", output), ("difference", np.abs(output - given))],
