@@ -6,18 +6,6 @@ import os
 import platform
 from pathlib import Path
 
-TRIVIAL_SPLIT = """
-[labels]
-column = "diagnosis"
-values = ["AD", "CN"]
-[split]
-n_test = 0.25
-n_splits = 2
-seed = 0
-max_attempts = 20
-"""
-"""Labels and a 2-fold split of a trivial dataset (AD against CN), as the tests draw them."""
-
 
 def machine() -> str:
     model = "unknown CPU"

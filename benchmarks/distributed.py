@@ -23,9 +23,12 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import TRIVIAL_SPLIT, machine, table  # noqa: E402
+from common import machine, table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from clinicadl_app.generate import TRIVIAL_SPLIT  # noqa: E402
+
 CONFIG = TRIVIAL_SPLIT + """
 [train]
 mode = "image"

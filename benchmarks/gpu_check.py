@@ -24,10 +24,12 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import TRIVIAL_SPLIT, table  # noqa: E402
+from common import table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from clinicadl_app.generate import TRIVIAL_SPLIT  # noqa: E402
+
 CONFIG = TRIVIAL_SPLIT + """
 [train]
 epochs = 2

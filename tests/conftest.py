@@ -14,17 +14,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "demo" / "bids"
 RAW2MM = Path(__file__).resolve().parent / "data" / "raw2mm"
 CAPS2MM = Path(__file__).resolve().parent / "data" / "caps2mm"
-TRIVIAL_SPLIT = """
-[labels]
-column = "diagnosis"
-values = ["AD", "CN"]
-[split]
-n_test = 0.25
-n_splits = 2
-seed = 0
-max_attempts = 20
-"""
-"""The labels and split tables every experiment on the trivial dataset (made from CAPS2MM) starts from."""
 DEMO_SUBJECTS = sorted(p.name for p in DEMO.glob("sub-*"))
 
 

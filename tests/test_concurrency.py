@@ -20,11 +20,11 @@ import pandas as pd
 import pytest
 import torch
 
-from clinicadl_app.generate import Trivial, generate_trivial
+from clinicadl_app.generate import TRIVIAL_SPLIT, Trivial, generate_trivial
 from clinicadl_app.images.extraction import read_image
 from clinicadl_app.layouts.caps import Caps
 
-from .conftest import CAPS2MM, RAW2MM, ROOT, TRIVIAL_SPLIT, make_bids
+from .conftest import CAPS2MM, RAW2MM, ROOT, make_bids
 
 pytestmark = pytest.mark.slow
 

@@ -20,10 +20,10 @@ import torch
 
 from clinicadl_app.core import cpus
 from clinicadl_app.core.errors import ExitCode
-from clinicadl_app.generate import Trivial, generate_trivial
+from clinicadl_app.generate import TRIVIAL_SPLIT, Trivial, generate_trivial
 from clinicadl_app.layouts.caps import Caps
 
-from .conftest import CAPS2MM, ROOT, TRIVIAL_SPLIT, run_app
+from .conftest import CAPS2MM, ROOT, run_app
 
 pytestmark = pytest.mark.slow
 

@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from clinicadl_app.core.errors import ExitCode
-from clinicadl_app.generate import Trivial, generate_trivial
+from clinicadl_app.generate import TRIVIAL_SPLIT, Trivial, generate_trivial
 from clinicadl_app.group.model_card import training_fingerprints
 from clinicadl_app.layouts.maps import Maps
 
-from .conftest import TRIVIAL_SPLIT, run_app, source_brains, subset_caps
+from .conftest import run_app, source_brains, subset_caps
 
 CONFIG = TRIVIAL_SPLIT + """
 [train]

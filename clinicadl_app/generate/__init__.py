@@ -8,7 +8,7 @@ OUTPUT/generate.json with its parameters and seed; the same seed gives byte-iden
 
 from clinicadl_app.generate.noise import Noise, generate_random
 from clinicadl_app.generate.shepplogan import SheppLogan, generate_shepplogan
-from clinicadl_app.generate.trivial import Trivial, generate_trivial, hemisphere
+from clinicadl_app.generate.trivial import TRIVIAL_SPLIT, Trivial, generate_trivial, hemisphere
 
-__all__ = ["Noise", "SheppLogan", "Trivial", "generate_random", "generate_shepplogan", "generate_trivial",
-           "hemisphere"]
+__all__ = ["TRIVIAL_SPLIT", "Noise", "SheppLogan", "Trivial", "generate_random", "generate_shepplogan",
+           "generate_trivial", "hemisphere"]

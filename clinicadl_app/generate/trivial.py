@@ -23,6 +23,19 @@ from clinicadl_app.generate.dataset import demographics, finish, save_image, ses
 from clinicadl_app.images.templates import brain_mask, resample_nearest
 from clinicadl_app.layouts.caps import Caps
 
+TRIVIAL_SPLIT = """
+[labels]
+column = "diagnosis"
+values = ["AD", "CN"]
+[split]
+n_test = 0.25
+n_splits = 2
+seed = 0
+max_attempts = 20
+"""
+"""An experiment file's labels and 2-fold split for a trivial dataset (AD against CN), as the tests and
+benchmarks draw them."""
+
 
 @dataclass(frozen=True)
 class Trivial:
