@@ -306,13 +306,13 @@ class _PoolFirstBatchNormReLU(torch.autograd.Function):
         # written over x when ConvBlocks says nothing else holds it (a convolution's output: its backward keeps
         # its input, not its output), so that backward needs no third tensor of this size
         out = rows if ctx.overwrite else torch.empty_like(rows)
-        unpooled = _rows(_unpool(grad.to(x.dtype), x, indices, ctx.padding), k)
         if x.dtype == torch.float32:
             grad_x = torch.addcmul(offset.repeat(k), rows, slope.repeat(k), out=out)
-            grad_x.addcmul_(unpooled, scale.repeat(k))
-        else:  # bfloat16, as the modules' gradient: see _mixed_affine
+            grad_x.addcmul_(_rows(_unpool(grad, x, indices, ctx.padding), k), scale.repeat(k))
+        else:  # bfloat16, as the modules' gradient (see _mixed_affine); the pooled gradient is scaled before it is
+            # sent back (in float32, rounded once): one pass over the full-size tensor fewer
             grad_x = _mixed_affine(rows, slope.repeat(k), offset.repeat(k), out)
-            grad_x.add_(_mixed_affine(unpooled, scale.repeat(k), torch.zeros_like(offset).repeat(k), unpooled))
+            grad_x.add_(_rows(_unpool(_affine(grad, scale).to(x.dtype), x, indices, ctx.padding), k))
         return _unrows(grad_x, x), grad_weight, grad_bias, None, None, None, None, None, None
 
 
