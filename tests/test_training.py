@@ -233,56 +233,6 @@ def test_deterministic_runs_and_kill_resume_give_identical_weights(trivial, tmp_
     pd.testing.assert_frame_equal(log_a, log_c)
 
 
-STOP_IN_SECOND_EVALUATION = """
-import sys
-from clinicadl_app import cli
-from clinicadl_app.group import training
-
-evaluate, calls = training.Trainer._evaluate_now, []
-
-
-def stopping(self, *args):
-    calls.append(args)
-    if len(calls) == 2:  # epoch 1's evaluation, after its checkpoint: as a kill would stop it
-        raise KeyboardInterrupt
-    return evaluate(self, *args)
-
-
-training.Trainer._evaluate_now = stopping
-sys.exit(cli.main(sys.argv[1:]))
-"""
-
-
-def test_a_run_stopped_during_an_evaluation_evaluates_it_again_and_ends_as_an_uninterrupted_run(trivial, tmp_path):
-    """The epoch's checkpoint is written before its evaluation, which then overlaps the write: a run stopped
-    during the evaluation resumes by evaluating that epoch again, with the same metrics, best models and log."""
-    args = ["--split", "0", "--epochs", "3", "--deterministic"]
-    assert group(trivial, tmp_path / "a", *args).returncode == 0
-    out = tmp_path / "b"
-    assert group(trivial, out, *args, stages=("labels", "split")).returncode == 0
-    command = [str(trivial / "bids"), str(out), "group", "--caps_dir", str(trivial / "caps"), "--config",
-               str(trivial / "experiment.toml"), "--stages", "train", *args]
-    stopped = subprocess.run([sys.executable, "-c", STOP_IN_SECOND_EVALUATION, *command], capture_output=True,
-                             text=True, cwd=ROOT)
-    assert stopped.returncode == 130, stopped.stderr
-    (checkpoint,) = out.glob("maps/*/split-0/tmp/checkpoint.pth.tar")
-    state = torch.load(checkpoint, weights_only=False)["state"]
-    assert state["epoch"] == 2 and state["pending"] is not None and len(state["rows"]) == 1
-    resumed = run_app(*command)
-    assert resumed.returncode == 0 and "evaluating epoch 1 again" in resumed.stderr, resumed.stderr
-    a, b = maps_of(tmp_path / "a"), maps_of(out)
-    for selection in ("loss", "BA"):
-        expected = torch.load(a / "split-0" / f"best-{selection}" / "model.pth.tar", weights_only=True)
-        actual = torch.load(b / "split-0" / f"best-{selection}" / "model.pth.tar", weights_only=True)
-        assert actual["epoch"] == expected["epoch"], selection
-        for name, tensor in expected["model"].items():
-            assert torch.equal(tensor, actual["model"][name]), (selection, name)
-    columns = ["epoch", "step", "loss_train", "loss_validation", "BA_validation"]
-    log_a = pd.read_csv(a / "split-0" / "training_logs" / "training.tsv", sep="\t")[columns]
-    log_b = pd.read_csv(b / "split-0" / "training_logs" / "training.tsv", sep="\t")[columns]
-    pd.testing.assert_frame_equal(log_a, log_b)
-
-
 def test_transfer_learning(trivial, tmp_path):
     source_out = tmp_path / "source"
     source = group(trivial, source_out, "--network_task", "reconstruction", "--epochs", "1", "--split", "0")

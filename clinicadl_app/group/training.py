@@ -69,9 +69,6 @@ class State:
     stale: int = 0
     rows: list[dict] = field(default_factory=list)
     stopped: bool = False
-    pending: list[float] | None = None
-    """The epoch's evaluation (training loss, images per second, data wait share) when the checkpoint was written
-    just before it: a resume runs it first."""
 
 
 class Trainer:
@@ -159,11 +156,10 @@ class Trainer:
     def _network_name(self) -> str:
         return "" if self.network is None else f" network-{self.network}"
 
-    def save_model(self, metric: str, epoch: int) -> None:
-        """The model as evaluated at `epoch` (state.epoch already counts it when the evaluation ends an epoch)."""
+    def save_model(self, metric: str) -> None:
         if not self.world.main:
             return
-        payload = {"model": self._weights(), "epoch": epoch, "step": self.state.step,
+        payload = {"model": self._weights(), "epoch": self.state.epoch, "step": self.state.step,
                    "name": self.settings.architecture, "metric": metric, "value": self.state.best[metric]}
         self.saves.save(payload, self.maps.model(self.fold, metric, self.network))
 
@@ -181,7 +177,6 @@ class Trainer:
         log_path = self.maps.training_log(self.fold, self.network)
         if self.state.rows and self.world.main:
             write_tsv(log_path, pd.DataFrame(self.state.rows))
-        self._finish_pending_evaluation(validation, train_eval, writer, log_path)
         fmt = memory_format(self.model)
         if self.device.device.type == "cpu" and self.state.epoch < settings.epochs:
             # the first step's fresh memory touched before it; 3x the first activation stays under what Conv5_FC3's
@@ -223,39 +218,17 @@ class Trainer:
                 steps_due = settings.evaluation_steps and self.state.step % settings.evaluation_steps == 0
                 if last or (steps_due and (index + 1) % settings.accumulation_steps == 0):
                     summed = sum(share for share in self.world.gather(sum(losses)))  # every process's inputs
-                    pass_figures = [summed / max(seen, 1), seen / max(busy + wait, 1e-9), wait / max(busy + wait, 1e-9)]
-                    if last:
-                        self._checkpoint_before_evaluation(epoch, pass_figures)
-                    self._evaluate(validation, train_eval, epoch, *pass_figures, writer, log_path)
+                    self._evaluate(validation, train_eval, epoch, summed / max(seen, 1),
+                                   seen / max(busy + wait, 1e-9), wait / max(busy + wait, 1e-9), writer, log_path)
                     losses, seen, wait, busy = [], 0, 0.0, 0.0
                     self.model.train()
                     tick = time.perf_counter()
                     if self.state.stopped:
                         break
-            if self.state.epoch == epoch:  # stopped inside the epoch, or no batch
-                self.state.epoch = epoch + 1
-                self.save_checkpoint()
+            self.state.epoch = epoch + 1
+            self.save_checkpoint()
         if writer:
             writer.close()
-
-    def _checkpoint_before_evaluation(self, epoch: int, pass_figures: list[float]) -> None:
-        """The epoch's checkpoint is written while its evaluation runs, not while the next epoch's first batch
-        waits for it (measured: 0.5-0.6 s of a 5.6 s epoch). The evaluation changes no weight, optimiser state or
-        random stream, so it can follow from the checkpoint: a run killed during it evaluates again on resume
-        (the same recalibration and metrics, the same best models) before training on."""
-        self.state.epoch = epoch + 1
-        self.state.pending = pass_figures
-        self.save_checkpoint()
-        self.state.pending = None
-
-    def _finish_pending_evaluation(self, validation, train_eval, writer, log_path: Path) -> None:
-        if self.state.pending is None:
-            return
-        pending, self.state.pending = self.state.pending, None
-        log.info("split-%d%s: evaluating epoch %d again (the run stopped during it)", self.fold, self._network_name,
-                 self.state.epoch - 1)
-        self._evaluate(validation, train_eval, self.state.epoch - 1, *pending, writer, log_path)
-        self.model.train()
 
     def step(self) -> None:
         self.saves.wait()  # the checkpoint and models being written read the weights this step changes
@@ -307,7 +280,7 @@ class Trainer:
             if value is not None and better(metric, value, self.state.best.get(metric)):
                 self.state.best[metric] = value
                 self.state.best_epoch[metric] = epoch
-                self.save_model(metric, epoch)
+                self.save_model(metric)
         previous = self.state.patience_loss
         if previous is None or result.loss < previous - settings.tolerance:
             self.state.patience_loss = result.loss
