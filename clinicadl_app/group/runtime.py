@@ -93,9 +93,8 @@ def choose_memory_format(model: nn.Module, settings: Train, device: Device, batc
     the CPU's BatchNorm-ReLU-pool blocks run fused (networks/fused.py), in float32 and in bfloat16 (an AVX2
     EPYC, batch 4 of 1 mm images, fp32: 1.05 img/s vs 0.95 contiguous; an AVX512-BF16 EPYC, a bfloat16 step:
     4.0 vs 1.9; an AMX Xeon: bf16 1.90 vs 1.22, fp32 1.81 vs 1.02; an H200: bf16 185 vs 44). probe times one
-    training step of each layout here and
-    takes the faster: fastest, but a timing then decides the rounding of the result, so --deterministic uses
-    the rule instead.
+    training step of each layout here and takes the faster: fastest, but a timing then decides the rounding of
+    the result, so --deterministic uses the rule instead.
     """
     rule = channels_last(model)
     if settings.memory_layout == "channels_last":
