@@ -422,6 +422,21 @@ def test_reproduce_draws_the_recorded_split_and_retrains_identical_weights(trivi
     assert both.returncode == ExitCode.USAGE and both.stderr.count("\n") == 1
 
 
+def _small_trainer(tmp_path: Path, amp_dtype: torch.dtype | None = None):
+    """A Conv5_FC3 Trainer on 24x28x24 CPU inputs with no evaluator: for tests of its steps and checkpoints."""
+    from clinicadl_app.core.config import Train
+    from clinicadl_app.group.networks import build_network
+    from clinicadl_app.group.runtime import Device
+    from clinicadl_app.group.tasks import Classification
+    from clinicadl_app.group.training import Trainer
+    from clinicadl_app.layouts.maps import Maps
+
+    torch.manual_seed(0)
+    return Trainer(model=build_network("Conv5_FC3", (1, 24, 28, 24), 2), task=Classification(["AD", "CN"]),
+                   settings=Train(), maps=Maps(tmp_path / "maps" / "experiment"), fold=0, network=None,
+                   selection=("loss",), device=Device(torch.device("cpu"), amp_dtype), evaluator=None)
+
+
 def test_a_checkpoint_written_in_the_background_holds_its_epoch_and_the_next_step_waits(tmp_path, monkeypatch):
     """The checkpoint's write overlaps the next batch: what that batch changes (BatchNorm's buffers in its
     forward; the weights and Adam's moments at the optimiser's step, which waits for the write) never reaches
@@ -430,17 +445,9 @@ def test_a_checkpoint_written_in_the_background_holds_its_epoch_and_the_next_ste
     import threading
 
     from clinicadl_app.core import atomic
-    from clinicadl_app.core.config import Train
-    from clinicadl_app.group.networks import build_network
-    from clinicadl_app.group.runtime import Device, memory_format
-    from clinicadl_app.group.tasks import Classification
-    from clinicadl_app.group.training import Trainer
-    from clinicadl_app.layouts.maps import Maps
+    from clinicadl_app.group.runtime import memory_format
 
-    torch.manual_seed(0)
-    trainer = Trainer(model=build_network("Conv5_FC3", (1, 24, 28, 24), 2), task=Classification(["AD", "CN"]),
-                      settings=Train(), maps=Maps(tmp_path / "maps" / "experiment"), fold=0, network=None,
-                      selection=("loss",), device=Device(torch.device("cpu"), None), evaluator=None)
+    trainer = _small_trainer(tmp_path)
     inputs, target = torch.rand(2, 1, 24, 28, 24), torch.tensor([0, 1])
 
     def batch() -> None:
@@ -482,20 +489,9 @@ def test_a_checkpoint_written_in_the_background_holds_its_epoch_and_the_next_ste
 def test_a_float16_run_resumes_with_its_loss_scale(tmp_path):
     """float16 autocast (GPUs without bfloat16) scales the loss; the scale and its growth counter are training
     state: a resumed run must not restart them (at 65536, it would skip steps until the scale backs off)."""
-    from clinicadl_app.core.config import Train
-    from clinicadl_app.group.networks import build_network
-    from clinicadl_app.group.runtime import Device, memory_format
-    from clinicadl_app.group.tasks import Classification
-    from clinicadl_app.group.training import Trainer
-    from clinicadl_app.layouts.maps import Maps
+    from clinicadl_app.group.runtime import memory_format
 
-    def trainer() -> Trainer:
-        torch.manual_seed(0)
-        return Trainer(model=build_network("Conv5_FC3", (1, 24, 28, 24), 2), task=Classification(["AD", "CN"]),
-                       settings=Train(), maps=Maps(tmp_path / "maps" / "experiment"), fold=0, network=None,
-                       selection=("loss",), device=Device(torch.device("cpu"), torch.float16), evaluator=None)
-
-    first = trainer()
+    first = _small_trainer(tmp_path, torch.float16)
     inputs, target = torch.rand(2, 1, 24, 28, 24), torch.tensor([0, 1])
     with first.device.autocast():
         out = first.model(inputs.contiguous(memory_format=memory_format(first.model)))
@@ -505,7 +501,7 @@ def test_a_float16_run_resumes_with_its_loss_scale(tmp_path):
     assert saved["_growth_tracker"] == 1
     first.save_checkpoint()
     first.saves.close()
-    resumed = trainer()
+    resumed = _small_trainer(tmp_path, torch.float16)
     assert resumed.scaler.state_dict() != saved  # a fresh scaler, before resuming
     assert resumed.resume()
     assert resumed.scaler.state_dict() == saved
