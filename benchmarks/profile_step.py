@@ -52,7 +52,6 @@ def profile_layout(fmt, args: argparse.Namespace) -> tuple[dict[str, float], lis
             model(inputs)
         model.train()
 
-    step()
     seconds = {"step": timed(step, args.steps), "recalibration batch": timed(lambda: forward(True), args.steps),
                "evaluation batch": timed(lambda: forward(False), args.steps)}
     with profile(activities=[ProfilerActivity.CPU]) as prof:
