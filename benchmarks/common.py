@@ -35,7 +35,10 @@ def cpu_features() -> str:
                 flags = set(line.split(":", 1)[1].split())
                 break
     wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
-    return ", ".join(flag for flag in wanted if flag in flags) or "none of avx2/avx512/amx"
+    found = ", ".join(flag for flag in wanted if flag in flags) or "none of avx2/avx512/amx"
+    capped = [f"{name}={os.environ[name]}" for name in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+              if name in os.environ]
+    return f"{found} (kernels capped: {', '.join(capped)})" if capped else found
 
 
 def table(header: list[str], rows: list[list[object]]) -> str:

@@ -76,7 +76,7 @@ def ours(work: Path, name: str, extra: list[str], epochs: int, n_train: int) -> 
     allocator = re.search(r"allocator (\S+)", environment)
     threads = re.search(r"torch threads (\d+)", environment)
     setting = f"{allocator.group(1) if allocator else '?'}, {threads.group(1) if threads else '?'} threads"
-    return [f"clinicadl-app {name} ({setting})", f"{log.images_per_second.mean():.2f}", f"{epoch_seconds:.0f}",
+    return [f"clinicadl-app {name} ({setting})", f"{log.images_per_second.mean():.2f}", f"{epoch_seconds:.1f}",
             f"{100 * log.data_wait_share.mean():.1f} %", f"{peak:.2f}",
             " ".join(f"{v:.2f}" for v in log.BA_validation), " ".join(f"{v:.2f}" for v in log.loss_validation),
             f"{wall:.0f}"]
