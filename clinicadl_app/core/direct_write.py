@@ -2,13 +2,13 @@
 
 A buffered write copies every byte into page-cache pages the kernel takes from free memory. On virtual machines
 whose host reclaims the guest's free memory (free page reporting, ballooning: this project's CI VMs), each such
-page is backed again at first touch: measured there, 1.1 s of system time per 482 MB checkpoint (2.3 s/GB), on
+page is backed again at first touch: measured there, 1.1 s of system time per 484 MB checkpoint (2.3 s/GB), on
 a core the training needs, every epoch. Written with O_DIRECT through one aligned 16 MB block, the same
 checkpoint costs 0.15 s of CPU and reaches the disk (fsync) in 0.3 s. The file is also on disk before it is
 renamed into place, which a buffered atomic write does not promise after a crash.
 
-Where the file system refuses O_DIRECT (tmpfs, some FUSE mounts) or an alignment, the stream falls back to
-buffered writes: same bytes, the old cost.
+Where the file system refuses O_DIRECT (older tmpfs, some FUSE or overlay mounts) or an alignment, the stream
+falls back to buffered writes: same bytes, the old cost.
 """
 
 from __future__ import annotations
