@@ -461,7 +461,7 @@ def test_a_checkpoint_written_in_the_background_holds_its_epoch_and_the_next_ste
     moments = copy.deepcopy(trainer.optimizer.state_dict()["state"])
     disk = threading.Event()
     write = atomic.save_torch
-    monkeypatch.setattr(atomic, "save_torch", lambda *args: disk.wait() and write(*args))
+    monkeypatch.setattr(atomic, "save_torch", lambda *args, **kwargs: disk.wait() and write(*args, **kwargs))
     try:
         trainer.save_checkpoint()
         batch()

@@ -65,7 +65,7 @@ class BackgroundSaves:
         self._pending: list = []
 
     def save(self, payload: Any, path: Path) -> None:
-        self._pending.append(self._worker.submit(save_torch, payload, path, True))
+        self._pending.append(self._worker.submit(save_torch, payload, path, direct=True))
 
     def wait(self) -> None:
         pending, self._pending = self._pending, []
