@@ -44,6 +44,9 @@ _NORMS = (nn.BatchNorm2d, nn.BatchNorm3d)
 _CONVOLUTIONS = (nn.Conv2d, nn.Conv3d)
 _WIDE = 16
 """Channels from which torch's channels-last BatchNorm kernels reach their speed."""
+_BLOCK_BYTES = 4 << 20
+"""Rows of float32 per block of the statistics pass: a block's scratch output stays in the cache (4-16 MiB
+measured alike, 1 MiB 1.4x and 256 KiB 2x slower)."""
 
 
 class ConvBlocks(nn.Sequential):
@@ -156,17 +159,38 @@ def _affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None = N
     return _unrows(torch.addcmul(shift.repeat(k), rows, scale.repeat(k)), x)
 
 
-def _statistics(x: torch.Tensor, k: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance of a folded tensor, combined from its k column groups."""
+def _statistics(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of a folded tensor, from cache-sized blocks of its rows combined in
+    float64, then from its k column groups. CPUs have no statistics-only kernel (batch_norm_stats is CUDA's), so
+    BatchNorm's training kernel writes its discarded output into one scratch block that stays in the cache
+    instead of a full-size tensor: on Conv5_FC3's first block at batch 4, 0.44 -> 0.09 s in float32 and 0.21 ->
+    0.08 s in bfloat16 alone (fresh pages included), epochs 4-8 % shorter in the trainer. And the blocks are exact
+    where one float32 pass over the whole tensor drifts (its variance 0.8 % low there, at a mean 1.5 standard
+    deviations from zero)."""
     rows = _rows(x, k)
-    width = rows.shape[1]
-    # the kernel's normalised output is discarded: CPUs have no statistics-only kernel (batch_norm_stats is
-    # CUDA's), and this pass still costs a quarter of the 8-channel one
-    _, means, invstd = torch.ops.aten.native_batch_norm(rows, torch.ones(width), torch.zeros(width), None, None,
-                                                       True, 0.0, eps)
-    means = means.view(k, -1)
+    count, width = rows.shape
+    step = max(1, _BLOCK_BYTES // (width * 4))
+    scratch = torch.empty(min(step, count), width, dtype=rows.dtype)
+    ones, zeros = torch.ones(width), torch.zeros(width)
+    block_mean, block_invstd = torch.empty(width), torch.empty(width)
+    means, variances, sizes = [], [], []
+    for start in range(0, count, step):
+        block = rows[start:start + step]
+        torch.ops.aten.native_batch_norm.out(block, ones, zeros, None, None, True, 0.0, 0.0, out=scratch[:len(block)],
+                                             save_mean=block_mean, save_invstd=block_invstd)
+        means.append(block_mean.double())
+        # with eps 0, torch writes invstd 0 for a block of zero variance (one row, or a constant background)
+        invstd = block_invstd.double()
+        variances.append(torch.where(invstd > 0, invstd.pow(-2), 0.0))
+        sizes.append(len(block))
+    weights = torch.tensor(sizes, dtype=torch.float64).div_(count).view(-1, 1)
+    means, variances = torch.stack(means), torch.stack(variances)
+    mean = (weights * means).sum(0)
+    var = (weights * (variances + (means - mean).square())).sum(0)
+    # the k column groups are k voxels of each row: equal counts
+    means, variances = mean.view(k, -1), var.view(k, -1)
     mean = means.mean(0)
-    return mean, (invstd.view(k, -1).pow(-2) - eps + (means - mean).square()).mean(0)
+    return mean.float(), (variances + (means - mean).square()).mean(0).float()
 
 
 def _normalise(x: torch.Tensor, weight, bias, mean, var, eps: float, k: int) -> torch.Tensor:
@@ -192,7 +216,7 @@ def _update_running(norm: nn.modules.batchnorm._BatchNorm, mean, var, count: int
 @torch.no_grad()
 def _batch_statistics(x: torch.Tensor, norm: nn.modules.batchnorm._BatchNorm, k: int):
     """The folded batch's mean and biased variance, after updating the module's running statistics with them."""
-    mean, var = _statistics(x, k, norm.eps)
+    mean, var = _statistics(x, k)
     _update_running(norm, mean, var, x.numel() // x.shape[1])
     return mean, var
 
