@@ -103,14 +103,14 @@ def test_folded_statistics_are_exact_for_a_large_offset():
 
 
 def test_statistics_from_many_unequal_blocks_match_float64(monkeypatch):
-    """The blocks' statistics are combined exactly: blocks of 11 rows (the first constant, the last shorter,
-    one row in the 4-channel case) give the whole tensor's mean and variance, a thousand standard deviations
+    """The blocks' statistics are combined exactly: blocks of 11 rows (in 3D with 8 channels the first
+    one constant, a background; the last one shorter, one row with 4 channels) give the whole tensor's mean and variance, a thousand standard deviations
     from zero, in 2D and 3D, folded or not."""
     monkeypatch.setattr(fused, "_BLOCK_BYTES", 11 * 16 * 4)
     torch.manual_seed(4)
     for shape, k in (((2, 8, 10, 12, 14), 2), ((3, 16, 9, 13), 1), ((2, 4, 6, 10, 7), 4)):
         x = 1000 + torch.randn(*shape) * torch.linspace(0.5, 2, shape[1]).view(1, -1, *[1] * (len(shape) - 2))
-        x[:1, :, :1, :2] = 1000  # a constant background: the first block has no variance
+        x[:1, :, :1, :2] = 1000  # a constant background (14 rows in the first shape: a whole block)
         x = x.contiguous(memory_format=torch.channels_last_3d if len(shape) == 5 else torch.channels_last)
         assert folding(x) == k and (x.numel() // 16) % 11
         mean, var = _statistics(x, k)

@@ -45,8 +45,8 @@ _CONVOLUTIONS = (nn.Conv2d, nn.Conv3d)
 _WIDE = 16
 """Channels from which torch's channels-last BatchNorm kernels reach their speed."""
 _BLOCK_BYTES = 4 << 20
-"""Rows of float32 per block of the statistics pass: a block's scratch output stays in the cache (4-16 MiB
-measured alike, 1 MiB 1.4x and 256 KiB 2x slower)."""
+"""Size of a block of rows (counted as float32) in the statistics pass: its scratch output stays in the cache
+(4-16 MiB measured alike, 1 MiB 1.4x and 256 KiB 2x slower)."""
 
 
 class ConvBlocks(nn.Sequential):
