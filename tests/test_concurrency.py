@@ -33,8 +33,9 @@ LISTS = (["a"], ["b"], ["a", "b"], ["b", "a"], ["a"], ["a", "b"])
 """Six jobs on overlapping participant lists: each subject is in four of them."""
 
 
-def _participant(bids: Path, out: Path, labels: list[str]) -> list[str]:
-    return [sys.executable, str(ROOT / "run.py"), str(bids), str(out), "participant", "--n_cpus", "1",
+def _participant(bids: Path, out: Path, labels: list[str], cpus: int = 1) -> list[str]:
+    """One array job (one core); the serial run and the rerun take both cores (two workers of one thread)."""
+    return [sys.executable, str(ROOT / "run.py"), str(bids), str(out), "participant", "--n_cpus", str(cpus),
             "--skip_bids_validator", "--participant_label", *labels]
 
 
@@ -57,7 +58,7 @@ def bids(tmp_path_factory) -> Path:
 
 def test_six_participant_jobs_some_killed_then_a_rerun_equal_a_serial_run(bids, tmp_path):
     serial = tmp_path / "serial"
-    done = subprocess.run(_participant(bids, serial, ["a", "b"]), capture_output=True, text=True, check=False)
+    done = subprocess.run(_participant(bids, serial, ["a", "b"], cpus=2), capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
 
     out = tmp_path / "shared"
@@ -76,7 +77,7 @@ def test_six_participant_jobs_some_killed_then_a_rerun_equal_a_serial_run(bids, 
     for job in jobs:
         if job.returncode != -signal.SIGKILL:
             assert job.returncode == 0, job.stderr.read()
-    rerun = subprocess.run(_participant(bids, out, ["a", "b"]), capture_output=True, text=True, check=False)
+    rerun = subprocess.run(_participant(bids, out, ["a", "b"], cpus=2), capture_output=True, text=True, check=False)
     assert rerun.returncode == 0, rerun.stderr
 
     assert not _temporary(out), _temporary(out)

@@ -139,7 +139,9 @@ def register(n4, work_dir: Path, seed: int, search: bool = False) -> Path:
         initial = [ants.affine_initializer(colin, small, search_factor=15, radian_fraction=0.2,
                                            use_principal_axis=False, local_search_iterations=10,
                                            txfn=str(work_dir / "search.mat"))]
-    rigid = _affine_stage(colin, small, "Rigid", initial, str(work_dir / "rigid_"), seed)
+    # the rigid stage only places the affine one, which starts again at 8 mm: its 2 mm level is left out
+    rigid = _affine_stage(colin, small, "Rigid", initial, str(work_dir / "rigid_"), seed,
+                          aff_iterations=(500, 250), aff_shrink_factors=(4, 2), aff_smoothing_sigmas=(2, 1))
     head = _affine_stage(colin, small, "Affine", rigid, str(work_dir / "head_"), seed)
     mni = templates.image(templates.MNI_T1)
     mask = ants.iMath(templates.image(templates.MNI_BRAIN_MASK), "MD", 3)
