@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from scipy import stats
 
 from clinicadl_app.core.config import Split
 from clinicadl_app.core.errors import ExitCode, UsageError
-from clinicadl_app.group.splitting import make_split
+from clinicadl_app.group.splitting import make_split, subject_table
 
 from .conftest import run_app
 from .group_data import make_longitudinal
@@ -160,6 +161,36 @@ def test_split_invariants(rows, n_splits, n_test, seed):
         assert len(validations) == 1 and validations[0] <= train and validations[0] != train
     again = make_split(rows, "dx", "classification", config)
     assert again.test == result.test and again.folds == result.folds
+
+
+def _reference_balance(subjects: pd.DataFrame, held: set[str]) -> tuple[float, float]:
+    """The smallest p-values over classes, straight from scipy: Welch's t-test on age, Fisher's test on sex."""
+    p_age = p_sex = 1.0
+    for _, group in subjects.groupby("cls"):
+        inside = group.index.isin(list(held))
+        ages_in, ages_out = group.age[inside].dropna(), group.age[~inside].dropna()
+        if len(ages_in) >= 2 and len(ages_out) >= 2 and (ages_in.std() > 0 or ages_out.std() > 0):
+            p_age = min(p_age, float(stats.ttest_ind(ages_in, ages_out, equal_var=False).pvalue))
+        sexes = group.sex.dropna()
+        levels = sorted(sexes.unique())
+        held_sex, rest_sex = sexes[sexes.index.isin(list(held))], sexes[~sexes.index.isin(list(held))]
+        table = [[int((held_sex == lv).sum()) for lv in levels], [int((rest_sex == lv).sum()) for lv in levels]]
+        if len(levels) == 2 and min(map(sum, table)) > 0:
+            p_sex = min(p_sex, float(stats.fisher_exact(table).pvalue))
+    return p_age, p_sex
+
+
+@given(tables(), st.integers(0, 2**16))
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_recorded_balance_is_scipys_welch_and_fisher_tests(rows, seed):
+    """The draws' p-values (computed on arrays for speed) are those of scipy's tests on the sets drawn."""
+    result = make_split(rows, "dx", "classification", Split(n_test=0.25, n_splits=0, seed=seed, max_attempts=5))
+    subjects = subject_table(rows, "dx", "classification", 1)
+    rest = subjects.drop(index=result.test)
+    for draw, table, held in ((result.draws[0], subjects, result.test), (result.draws[1], rest, result.folds[0])):
+        p_age, p_sex = _reference_balance(table, set(held))
+        assert draw.balance[0].p_age == pytest.approx(p_age, rel=1e-9, abs=1e-12)
+        assert draw.balance[0].p_sex == pytest.approx(p_sex, rel=1e-9, abs=1e-12)
 
 
 def test_regression_split_stratifies_on_bins():

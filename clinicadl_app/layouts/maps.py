@@ -26,8 +26,6 @@ import sys
 from importlib.metadata import distributions
 from pathlib import Path
 
-import torch
-
 from clinicadl_app import __version__
 from clinicadl_app.layouts.output import container
 
@@ -189,6 +187,8 @@ class Maps:
 
 def environment_text(command: list[str] | None = None) -> str:
     """Everything about the software and hardware that could change a result."""
+    import torch  # here, not at the top: the labels and split stages read this module and need no torch
+
     lines = [f"clinicadl-app {__version__}", f"python {sys.version.split()[0]} ({platform.python_implementation()})",
              f"platform {platform.platform()}", f"machine {platform.node()}", f"cpu {_cpu_model()}",
              f"cpus available {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}",
