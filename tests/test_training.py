@@ -505,3 +505,16 @@ def test_a_float16_run_resumes_with_its_loss_scale(tmp_path):
     assert resumed.scaler.state_dict() != saved  # a fresh scaler, before resuming
     assert resumed.resume()
     assert resumed.scaler.state_dict() == saved
+
+
+def test_metrics_share_an_evaluation_only_when_they_selected_equal_weights():
+    """write_results evaluates once for metrics whose selected models are equal: equal tensors, not equal epochs."""
+    from clinicadl_app.group.fit import _same_weights
+
+    state = {"epoch": 3, "model": {"w": torch.ones(3), "b": torch.zeros(2)}}
+    copy = {"epoch": 3, "model": {k: v.clone() for k, v in state["model"].items()}}
+    changed = {"epoch": 3, "model": {**copy["model"], "w": torch.tensor([1.0, 1.0, 1.5])}}
+    assert _same_weights([(None, state)], [(None, copy)])
+    assert not _same_weights([(None, state)], [(None, changed)]), "same epoch number, other weights"
+    assert not _same_weights([(0, state)], [(1, copy)]), "another network of a part-based model"
+    assert not _same_weights([(0, state), (1, state)], [(0, copy)])
