@@ -4,6 +4,7 @@ CAPS layout and tensors as ClinicaDL writes them, QC, reports, and a valid BIDS 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,11 +25,13 @@ MODES = ("image", "patch", "roi", "slice")
 pytestmark = pytest.mark.slow
 
 
-def moved_copy(source: Path, target: Path, degrees: float) -> Path:
-    """The same head turned by `degrees` about the z axis: a second visit in another position."""
+def moved_copy(source: Path, target: Path, degrees: float, axis: str = "z") -> Path:
+    """The same head turned by `degrees` about the z (yaw) or x (pitch) axis and shifted: a visit in another
+    position."""
     img = nib.load(str(source))
     c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
-    turn = np.array([[c, -s, 0, 5], [s, c, 0, -8], [0, 0, 1, 3], [0, 0, 0, 1.0]])
+    turn = {"z": np.array([[c, -s, 0, 5], [s, c, 0, -8], [0, 0, 1, 3], [0, 0, 0, 1.0]]),
+            "x": np.array([[1, 0, 0, 5], [0, c, -s, -8], [0, s, c, 3], [0, 0, 0, 1.0]])}[axis]
     target.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), turn @ img.affine, img.header), str(target))
     return target
@@ -153,7 +156,7 @@ def test_reports_show_each_session_with_its_figure(run_two_jobs):
     for participant, sessions in (("sub-01", 2), ("sub-02", 2)):
         page = (out / "reports" / f"{participant}.html").read_text()
         assert page.count("<h2>") == sessions and "PASS" in page
-        for source in __import__("re").findall(r"src='([^']+)'", page):
+        for source in re.findall(r"src='([^']+)'", page):
             figure = out / "reports" / source
             assert figure.exists() and figure.stat().st_size > 10_000
 
@@ -211,19 +214,26 @@ def test_the_job_as_pid_1_keeps_its_workers(run_two_jobs, sessions_bids, tmp_pat
 
 
 @pytest.mark.slow
-def test_a_registration_that_fails_qc_is_reported_and_left_out_of_labels(tmp_path):
-    """A real registration judged against an impossible threshold: written, but said to have failed, and the
-    labels stage leaves it out unless asked to keep it."""
-    bids = make_bids(tmp_path / "bids", {"sub-01/anat/sub-01_T1w.nii.gz": demo_scan(DEMO_SUBJECTS[3])},
-                     participants="participant_id\tdiagnosis\nsub-01\tAD\n")
+def test_a_registration_that_fails_qc_is_retried_reported_and_left_out_of_labels(tmp_path):
+    """A head pitched by 40 degrees, judged against an impossible threshold. The plain registration falls into
+    a wrong alignment; the retry's rotation search finds the right one and the better result is kept. The
+    session is written but said to have failed, and the labels stage leaves it out unless asked to keep it."""
+    bids = make_bids(tmp_path / "bids", {}, participants="participant_id\tdiagnosis\nsub-01\tAD\n")
+    moved_copy(demo_scan(DEMO_SUBJECTS[3]), bids / "sub-01/anat/sub-01_T1w.nii.gz", 40, axis="x")
     out = tmp_path / "out"
     done = run_app(bids, out, "participant", "--skip_bids_validator", "--qc_threshold", "0.99", "--n_cpus", "2")
     assert done.returncode == 0, done.stderr
     assert "failed the quality check" in done.stderr and "1 session(s) failed the registration quality check" \
         in done.stderr
+    (first_try,) = set(re.findall(r"QC correlation (0\.\d+) below 0\.99; retrying with a rotation search",
+                                  done.stderr))
     caps = Caps(out / "caps")
     (image,) = caps.index()[0]
-    assert caps.quality(image)["passed"] is False and caps.quality(image)["threshold"] == 0.99
+    quality = caps.quality(image)
+    assert quality["passed"] is False and quality["threshold"] == 0.99
+    assert float(first_try) < 0.3 <= quality["correlation"], "the search rescued what the plain registration missed"
+    assert json.loads(caps.sidecar(image).read_text())["RegistrationRetried"] is True
+    assert pd.read_csv(caps.qc_table, sep="\t").retried.tolist() == [True]
     dropped = run_app(bids, out, "group", "--stages", "labels", "--column", "diagnosis")
     assert dropped.returncode == 18 and "no image kept" in dropped.stderr, dropped.stderr
     assert "quality check (r 0." in dropped.stderr and "--keep_failed_qc" in dropped.stderr
