@@ -24,9 +24,9 @@ def save(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> None
     nib.save(nib.Nifti1Image(data, np.diag([2.0, 2, 2, 1]) if affine is None else affine), str(path))
 
 
-@pytest.fixture(scope="module")
-def bad_bids(tmp_path_factory) -> Path:
-    bids = make_bids(tmp_path_factory.mktemp("bad") / "bids", {"sub-good/anat/sub-good_T1w.nii.gz": demo_scan(GOOD)})
+@pytest.fixture
+def bad_bids(tmp_path) -> Path:
+    bids = make_bids(tmp_path / "bad" / "bids", {"sub-good/anat/sub-good_T1w.nii.gz": demo_scan(GOOD)})
     real = nib.load(str(demo_scan(GOOD)))
     data = np.asanyarray(real.dataobj, dtype=np.float32)
     save(bids / "sub-fourd/anat/sub-fourd_T1w.nii.gz", np.stack([data, data], -1), real.affine)
@@ -45,7 +45,7 @@ def bad_bids(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_each_bad_image_fails_alone_with_its_fix(bad_bids, tmp_path):
+def test_each_bad_image_fails_alone_with_its_fix_and_a_failed_overwrite_keeps_outputs(bad_bids, tmp_path):
     out = tmp_path / "out"
     done = run_app(bad_bids, out, "participant", "--skip_bids_validator", "--n_cpus", "2")
     assert done.returncode == ExitCode.DATA_ERROR
@@ -62,20 +62,16 @@ def test_each_bad_image_fails_alone_with_its_fix(bad_bids, tmp_path):
     assert good.exists(), "a good subject must complete beside bad ones"
     assert not (out / "caps/subjects/sub-nan").exists()
 
-
-@pytest.mark.slow
-def test_failed_rerun_keeps_existing_outputs(tmp_path):
-    bids = make_bids(tmp_path / "bids", {"sub-01/anat/sub-01_T1w.nii.gz": demo_scan(GOOD)})
-    out = tmp_path / "out"
-    assert run_app(bids, out, "participant", "--skip_bids_validator").returncode == 0
+    # the good subject's source is damaged after that run: --overwrite fails it and keeps what it wrote
     before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (out / "caps").rglob("*") if p.is_file()}
-    source = bids / "sub-01/anat/sub-01_T1w.nii.gz"
-    source.write_bytes(source.read_bytes()[:100_000])  # the source is damaged after a first good run
-    again = run_app(bids, out, "participant", "--skip_bids_validator", "--overwrite")
+    source = bad_bids / "sub-good/anat/sub-good_T1w.nii.gz"
+    source.write_bytes(source.read_bytes()[:100_000])
+    again = run_app(bad_bids, out, "participant", "--skip_bids_validator", "--overwrite", "--participant_label", "good")
     assert again.returncode == ExitCode.DATA_ERROR and "truncated or corrupt" in again.stderr
     after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in before}
     changed = [p.name for p in before if before[p] != after[p] and "t1_linear" in p.parts]
     assert not changed, f"outputs of the previous run were modified: {changed}"
+    assert good.exists()
 
 
 def test_output_folder_not_writable(tmp_path):

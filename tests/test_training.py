@@ -194,16 +194,14 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_deterministic_runs_and_kill_resume_give_identical_weights(trivial, tmp_path):
+    """A run, and another one killed after its first checkpoint then resumed, end with equal weights and logs:
+    runs are deterministic and resuming changes nothing."""
     args = ["--split", "0", "--epochs", "3", "--deterministic", "--evaluate_train"]
     first = group(trivial, tmp_path / "a", *args)
-    second = group(trivial, tmp_path / "b", *args)
-    assert first.returncode == second.returncode == 0
-    a, b = maps_of(tmp_path / "a"), maps_of(tmp_path / "b")
-    for selection in ("loss", "BA"):
-        for name, tensor in _weights(a / "split-0" / f"best-{selection}" / "model.pth.tar").items():
-            assert torch.equal(tensor, _weights(b / "split-0" / f"best-{selection}" / "model.pth.tar")[name]), name
+    assert first.returncode == 0, first.stderr
+    a = maps_of(tmp_path / "a")
 
-    # kill a third run after its first checkpoint, then start it again
+    # kill a second run after its first checkpoint, then start it again
     out = tmp_path / "c"
     setup = group(trivial, out, *args, stages=("labels", "split"))
     assert setup.returncode == 0
@@ -225,8 +223,9 @@ def test_deterministic_runs_and_kill_resume_give_identical_weights(trivial, tmp_
                       trivial / "experiment.toml", "--stages", "train", *args)
     assert resumed.returncode == 0 and "resuming after epoch" in resumed.stderr, resumed.stderr
     c = maps_of(out)
-    for name, tensor in _weights(a / "split-0" / "best-loss" / "model.pth.tar").items():
-        assert torch.equal(tensor, _weights(c / "split-0" / "best-loss" / "model.pth.tar")[name]), name
+    for selection in ("loss", "BA"):
+        for name, tensor in _weights(a / "split-0" / f"best-{selection}" / "model.pth.tar").items():
+            assert torch.equal(tensor, _weights(c / "split-0" / f"best-{selection}" / "model.pth.tar")[name]), name
     columns = ["epoch", "loss_train", "BA_train", "loss_validation", "BA_validation"]  # --evaluate_train
     log_a = pd.read_csv(a / "split-0" / "training_logs" / "training.tsv", sep="\t")[columns]
     log_c = pd.read_csv(c / "split-0" / "training_logs" / "training.tsv", sep="\t")[columns]
@@ -508,13 +507,17 @@ def test_a_float16_run_resumes_with_its_loss_scale(tmp_path):
 
 
 def test_metrics_share_an_evaluation_only_when_they_selected_equal_weights():
-    """write_results evaluates once for metrics whose selected models are equal: equal tensors, not equal epochs."""
-    from clinicadl_app.group.fit import _same_weights
+    """write_results and predict evaluate once for metrics whose selected models are equal: equal tensors, not
+    equal epochs."""
+    from clinicadl_app.group.models import same_weights
+
+    def selection(*states):
+        return [(network, None, state) for network, state in states]
 
     state = {"epoch": 3, "model": {"w": torch.ones(3), "b": torch.zeros(2)}}
     copy = {"epoch": 3, "model": {k: v.clone() for k, v in state["model"].items()}}
     changed = {"epoch": 3, "model": {**copy["model"], "w": torch.tensor([1.0, 1.0, 1.5])}}
-    assert _same_weights([(None, state)], [(None, copy)])
-    assert not _same_weights([(None, state)], [(None, changed)]), "same epoch number, other weights"
-    assert not _same_weights([(0, state)], [(1, copy)]), "another network of a part-based model"
-    assert not _same_weights([(0, state), (1, state)], [(0, copy)])
+    assert same_weights(selection((None, state)), selection((None, copy)))
+    assert not same_weights(selection((None, state)), selection((None, changed))), "same epoch number, other weights"
+    assert not same_weights(selection((0, state)), selection((1, copy))), "another network of a part-based model"
+    assert not same_weights(selection((0, state), (1, state)), selection((0, copy)))

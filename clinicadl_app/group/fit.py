@@ -30,7 +30,7 @@ from clinicadl_app.group.data import ImageStore, PartDataset, image_paths, part_
 from clinicadl_app.group.evaluation import Evaluator
 from clinicadl_app.group.experiment import experiment_name, network_task, select_rows, selection_metrics
 from clinicadl_app.group.model_card import write_model_card
-from clinicadl_app.group.models import build_model, load_selected, task_record
+from clinicadl_app.group.models import build_model, load_selected, same_weights, task_record
 from clinicadl_app.group.results import GroupResult, evaluate_group
 from clinicadl_app.group.runtime import Device, seed_everything
 from clinicadl_app.group.tasks import Classification, Task, make_task
@@ -317,31 +317,19 @@ def _restrict(dataset: PartDataset, parts: tuple[int, ...] | None) -> PartDatase
 def write_results(config: Config, maps: Maps, data: FoldData, metrics: tuple[str, ...], device: Device) -> None:
     """Predictions and metrics of every selected model on its training and validation sets."""
     settings = config.train
-    done: list[tuple[list[tuple[int | None, dict]], GroupResult, GroupResult]] = []
+    done: list[tuple[list, GroupResult, GroupResult]] = []
     for metric in metrics:
         models = load_selected(maps, data.fold, metric, settings, input_shape(data), data.task, device)
         # several metrics often select the same epoch (always with few epochs): evaluate those weights once
-        chosen = [(network, state) for network, _, state in models]
-        same = next((results for other, *results in done if _same_weights(chosen, other)), None)
+        same = next((results for other, *results in done if same_weights(models, other)), None)
         if same is None:
             validation = evaluate_group(models, data.task, settings, device, data.validation,
                                         data.validation_set, None)
             train = evaluate_group(models, data.task, settings, device, data.train, data.train_eval,
                                    validation.weights)
-            done.append((chosen, validation, train))
+            done.append((models, validation, train))
         else:
             validation, train = same
         train.write(maps, data.fold, metric, "train")
         validation.write(maps, data.fold, metric, "validation")
 
-
-def _same_weights(first: list[tuple[int | None, dict]], second: list[tuple[int | None, dict]]) -> bool:
-    """Whether two selections are the same networks with equal weights (not merely the same epoch numbers)."""
-    if [network for network, _ in first] != [network for network, _ in second]:
-        return False
-    for (_, a), (_, b) in zip(first, second, strict=True):
-        if a["model"].keys() != b["model"].keys():
-            return False
-        if not all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"]):
-            return False
-    return True

@@ -89,3 +89,17 @@ def load_selected(maps: Maps, fold: int, metric: str, settings: Train, in_shape:
         model.eval()  # inference only: dropout off, BatchNorm statistics frozen
         models.append((network, model.to(device.device), state))
     return models
+
+
+def same_weights(first: list[tuple[int | None, torch.nn.Module, dict]],
+                 second: list[tuple[int | None, torch.nn.Module, dict]]) -> bool:
+    """Whether two selections (load_selected) are the same networks with equal weights, not merely the same
+    epoch numbers: several metrics often select the same epoch, whose outputs need computing once."""
+    if [network for network, _, _ in first] != [network for network, _, _ in second]:
+        return False
+    for (_, _, a), (_, _, b) in zip(first, second, strict=True):
+        if a["model"].keys() != b["model"].keys():
+            return False
+        if not all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"]):
+            return False
+    return True

@@ -30,7 +30,7 @@ from clinicadl_app.group.archive import exported, pseudonymised
 from clinicadl_app.group.data import ImageStore, PartDataset, image_paths, part_spec
 from clinicadl_app.group.experiment import experiment_name, select_rows
 from clinicadl_app.group.leakage import Overlap, Seen, overlap, same_place
-from clinicadl_app.group.models import load_selected, open_maps, task_from_record
+from clinicadl_app.group.models import load_selected, open_maps, same_weights, task_from_record
 from clinicadl_app.group.results import GroupResult, evaluate_group, validation_weights
 from clinicadl_app.group.runtime import Device
 from clinicadl_app.group.tasks import PART
@@ -152,17 +152,22 @@ def run_predict(config: Config, maps_dir: Path) -> Maps | None:
                         ", ".join(f"{p} {s}" for p, s in unknown[KEYS].itertuples(index=False)))
         # images with a label the model knows are scored; the others are predicted without metrics
         subsets = [(rows[mask], scored) for mask, scored in ((known, True), (~known, False)) if mask.any()]
+        done: list[tuple[list, dict | None, GroupResult]] = []
         for metric in maps.selection_metrics(fold):
             models = load_selected(maps, fold, metric, train, tuple(record["input_size"]), task, device)
             weights = validation_weights(maps, fold, metric, train, task)
-            results = []
-            for subset, scored in subsets:
-                dataset = PartDataset(ImageStore([paths[i] for i in subset.index]), spec,
-                                      _targets(task, subset[record["label"]], scored), train.normalize)
-                result = evaluate_group(models, task, train, device, subset.reset_index(drop=True), dataset, weights)
-                results.append(result if scored else _without_labels(result))
-            result = _merge(results)
-            result.images.insert(2, "qc_passed", [quality[key] for key in map(tuple, result.images[KEYS].values)])
+            result = next((r for other, w, r in done if w == weights and same_weights(models, other)), None)
+            if result is None:
+                results = []
+                for subset, scored in subsets:
+                    dataset = PartDataset(ImageStore([paths[i] for i in subset.index]), spec,
+                                          _targets(task, subset[record["label"]], scored), train.normalize)
+                    result = evaluate_group(models, task, train, device, subset.reset_index(drop=True), dataset,
+                                            weights)
+                    results.append(result if scored else _without_labels(result))
+                result = _merge(results)
+                result.images.insert(2, "qc_passed", [quality[key] for key in map(tuple, result.images[KEYS].values)])
+                done.append((models, weights, result))
             note = f"leakage check: {leak_check}"
             if labelled and not known.all():
                 note += f"\nimages with a class the model never saw (left out of the metrics): {int((~known).sum())}"
