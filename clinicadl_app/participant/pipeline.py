@@ -18,7 +18,6 @@ import os
 import tempfile
 import time
 import traceback
-from collections import defaultdict
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -89,12 +88,12 @@ def run(config: Config) -> ExitCode:
     log.info("%d sessions selected: %d to preprocess, %d already in the CAPS", len(jobs), todo, len(jobs) - todo)
     outcomes = run_jobs(jobs, config, log_file)
 
-    by_participant: dict[str, list[CapsImage]] = defaultdict(list)
-    for outcome in outcomes:
-        if outcome.status != "failed":
-            by_participant[outcome.job.image.participant_id].append(outcome.job.image)
-    for participant_id, images in by_participant.items():
-        write_participant_report(layout, caps, participant_id, images)
+    for participant_id in sorted({o.job.image.participant_id for o in outcomes if o.status != "failed"}):
+        # every completed session in the CAPS, also those that other jobs (one array task per session) wrote;
+        # under a lock, so that the last job to finish lists them all
+        with lock(layout.participant_report(participant_id)):
+            images, _ = caps.index(participants=(participant_id[4:],))
+            write_participant_report(layout, caps, participant_id, images)
     update_qc_table(caps)
     log.info("quality-check pages: %s (one per participant); CAPS: %s", layout.reports_dir / "sub-*.html", caps.root)
     return summarise(outcomes, selection.skipped)  # last: the summary, and who failed
