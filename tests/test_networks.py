@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from clinicadl_app.group.networks import ArchitectureError, build_network
 from clinicadl_app.group.networks.layers import CropMaxUnpool, PadMaxPool
+from clinicadl_app.group.networks.shapes import output_shape
 
 
 def test_conv5_fc3_has_clinicadl_layout_at_full_size():
@@ -62,3 +67,45 @@ def test_in_place_pooling_equals_clinicadl_padding(shape):
     pooled, indices, pad = PadMaxPool(2, 2, dims, return_indices=True)(x)
     restored = CropMaxUnpool(2, 2, dims)(pooled, indices, pad)
     assert restored.shape == x.shape and torch.equal(restored.amax(), x.amax())
+
+
+def _meta_shape(module: torch.nn.Module, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+    meta = copy.deepcopy(module).to("meta").eval()  # eval: BatchNorm accepts one value per channel
+    with torch.no_grad():
+        return tuple(meta(torch.empty(1, *in_shape, device="meta")).shape[1:])
+
+
+@pytest.mark.parametrize("name,shape", [
+    *[(n, s) for n in ("Conv5_FC3", "Conv4_FC3", "Stride_Conv5_FC3", "random")
+      for s in ((1, 169, 208, 179), (1, 50, 50, 50), (1, 33, 41, 27), (3, 208, 179), (1, 7, 9, 5))],
+    ("resnet18", (3, 208, 179)), ("resnet18", (3, 33, 47)), ("resnet18", (1, 64, 65)),
+])
+def test_shapes_by_arithmetic_equal_the_meta_device(name, shape):
+    """Heads are sized without running the network (no meta device in inference-only runs): the same sizes."""
+    model = build_network(name, shape, 3)
+    for part in (model.convolutions, model):
+        assert output_shape(part, shape) == _meta_shape(part, shape), part.__class__.__name__
+    pools = [PadMaxPool(2, 2, len(shape) - 1), torch.nn.MaxPool2d(3, 2, 1, ceil_mode=True),
+             torch.nn.Conv2d(shape[0], 4, 5, stride=3, padding=2, dilation=2)]
+    for layer in pools if len(shape) == 3 else pools[:1]:
+        assert output_shape(layer, shape) == _meta_shape(layer, shape), layer
+
+
+def test_an_input_that_does_not_fit_is_refused_by_arithmetic_too():
+    with pytest.raises(ArchitectureError, match="does not fit inputs of shape"):
+        build_network("tests.test_networks:tiny", (1, 10, 10, 10), 2)
+    with pytest.raises(ArchitectureError, match="does not fit inputs of shape"):
+        build_network("tests.test_networks:unpadded", (1, 4, 4, 4), 2)
+
+
+def unpadded(in_shape, output_size, dropout):
+    return torch.nn.Sequential(torch.nn.Conv3d(1, 2, 5), torch.nn.Flatten(), torch.nn.Linear(2, output_size))
+
+
+def test_building_the_built_in_classifiers_runs_nothing_on_the_meta_device():
+    """The meta device's first use imports torch's dynamo (1-2 s), which a predict run would pay for nothing."""
+    code = ("import sys; from clinicadl_app.group.networks import build_network; "
+            "[build_network(n, s, 2) for n, s in [('Conv5_FC3', (1, 169, 208, 179)), ('Stride_Conv5_FC3', (1, 50, 50, 50)),"
+            " ('random', (1, 40, 40, 40)), ('resnet18', (3, 208, 179))]]; print('torch._dynamo' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False", done.stderr

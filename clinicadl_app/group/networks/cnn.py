@@ -5,7 +5,6 @@ Module names (`convolutions`, `fc`) and layer order match ClinicaDL, so state di
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -13,6 +12,7 @@ from torch import nn
 
 from .fused import ConvBlocks
 from .layers import layers
+from .shapes import output_shape
 
 
 class CNN(nn.Module):
@@ -42,13 +42,6 @@ def _features(in_shape: tuple[int, ...], channels: tuple[int, ...], pool: bool, 
         modules += _conv_block(kind, previous, width, pool, stride)
         previous = width
     return ConvBlocks(*modules)
-
-
-def output_shape(module: nn.Module, in_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Shape of the module's output for one input, computed on the meta device (no memory, no time)."""
-    meta = copy.deepcopy(module).to("meta")
-    with torch.no_grad():
-        return tuple(meta(torch.empty(1, *in_shape, device="meta")).shape[1:])
 
 
 def _head(flat: int, hidden: tuple[int, ...], output_size: int, dropout: float) -> nn.Sequential:
