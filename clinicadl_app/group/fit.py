@@ -332,4 +332,3 @@ def write_results(config: Config, maps: Maps, data: FoldData, metrics: tuple[str
             validation, train = same
         train.write(maps, data.fold, metric, "train")
         validation.write(maps, data.fold, metric, "validation")
-
