@@ -84,10 +84,11 @@ class Caps:
         """Find every t1-linear image once; returns the images and one line per ambiguous session."""
         suffix = f"{_CROPPED if cropped else _UNCROPPED}.nii.gz"
         found: dict[tuple[str, str], list[Path]] = {}
-        for path in sorted((self.root / "subjects").glob(f"sub-*/ses-*/{PIPELINE}/*{suffix}")):
+        # only the participants' own folders are searched: a job indexing one participant of a large CAPS
+        folders = [f"sub-{label}" for label in sorted(set(participants))] or ["sub-*"]
+        paths = {p for folder in folders for p in (self.root / "subjects").glob(f"{folder}/ses-*/{PIPELINE}/*{suffix}")}
+        for path in sorted(paths):
             participant_id, session_id = path.parts[-4], path.parts[-3]
-            if participants and participant_id[4:] not in participants:
-                continue
             if sessions and session_id[4:] not in sessions:
                 continue
             found.setdefault((participant_id, session_id), []).append(path)

@@ -136,8 +136,8 @@ def register(n4, work_dir: Path, seed: int, search: bool = False) -> Path:
         small = ants.resample_image(n4, (2.0, 2.0, 2.0), use_voxels=False, interp_type=0)
     initial = None
     if search:
-        # 125 starting rotations, each refined a little: at 4 mm, 8x fewer voxels than at 2 mm and the same
-        # rescues (a 40-60 degree pitch) with the same final correlation; the stages below refine it
+        # 125 starting rotations within +-36 degrees, each refined a little: at 4 mm, 8x fewer voxels than at
+        # 2 mm, with the same rescues (40-50 degree pitches) and final correlation; the stages below refine it
         coarse = [ants.resample_image(image, (4.0, 4.0, 4.0), use_voxels=False, interp_type=0)
                   for image in (colin, small)]
         initial = [ants.affine_initializer(*coarse, search_factor=15, radian_fraction=0.2,
