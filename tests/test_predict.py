@@ -85,6 +85,39 @@ def test_saliency_maps_are_nifti_in_mni_space_and_lateralised(full_run):
     assert (maps / "split-0" / "best-loss" / "test" / "interpret-grad-cam").is_dir()
 
 
+def test_a_metric_that_selected_equal_weights_shares_their_maps_and_only_then(full_run, tmp_path):
+    """Maps are computed once per set of weights. In a copy of the MAPS, fold 0's best-BA model is made
+    fold 0's best-loss model (both metrics selected one epoch) and fold 1's differs from its best-loss by one
+    layer: fold 0's best-BA maps are best-loss's, their sidecars naming BA; fold 1's are its own."""
+    root, maps = full_run
+    copy = tmp_path / "maps" / maps.name
+    shutil.copytree(maps, copy, ignore=shutil.ignore_patterns("interpret-*"))
+    shutil.copyfile(copy / "split-0" / "best-loss" / "model.pth.tar", copy / "split-0" / "best-BA" / "model.pth.tar")
+    state = torch.load(copy / "split-1" / "best-loss" / "model.pth.tar", weights_only=True)
+    first = next(key for key, value in state["model"].items() if value.dim() > 1)
+    state["model"][first] = state["model"][first] * 1.1
+    torch.save(state, copy / "split-1" / "best-BA" / "model.pth.tar")
+    done = run_app(root / "data" / "bids", tmp_path / "out", "group", "--stages", "interpret", "--maps_dir", copy,
+                   "--caps_dir", root / "data" / "caps", "--methods", "gradients")
+    assert done.returncode == 0, done.stderr
+    reused = [line.split("] ")[1].split(":")[0] for line in done.stderr.splitlines() if "(the weights of" in line]
+    assert reused in (["interpret split-0 best-BA gradients"], ["interpret split-0 best-loss gradients"]), done.stderr
+
+    def folder(fold: int, metric: str) -> Path:
+        return copy / f"split-{fold}" / f"best-{metric}" / "test" / "interpret-gradients"
+
+    shared, own = folder(0, "loss"), folder(0, "BA")
+    assert sorted(p.name for p in own.iterdir()) == sorted(p.name for p in shared.iterdir())
+    for path in shared.glob("*.nii.gz"):
+        assert (own / path.name).read_bytes() == path.read_bytes()
+    for path in shared.glob("*.json"):
+        theirs, ours = json.loads(path.read_text()), json.loads((own / path.name).read_text())
+        assert theirs["selection_metric"] == "loss" and ours == theirs | {"selection_metric": "BA"}
+    for path in folder(1, "loss").glob("*_mean.nii.gz"):
+        other = folder(1, "BA") / path.name
+        assert not np.array_equal(nib.load(str(path)).get_fdata(), nib.load(str(other)).get_fdata()), path.name
+
+
 def test_report_renders_in_chromium(full_run, tmp_path):
     _, maps = full_run
     report = maps / "report.html"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -29,7 +30,7 @@ from clinicadl_app.group import map_figures
 from clinicadl_app.group.attribution import RECONSTRUCTION, RECONSTRUCTION_ERROR, image_map, vote_factors
 from clinicadl_app.group.data import ImageStore, PartDataset, image_paths, part_spec
 from clinicadl_app.group.experiment import experiment_name
-from clinicadl_app.group.models import load_selected, open_maps, task_from_record
+from clinicadl_app.group.models import load_selected, open_maps, same_weights, task_from_record
 from clinicadl_app.group.results import validation_weights
 from clinicadl_app.group.runtime import Device
 from clinicadl_app.layouts.caps import KEYS, Caps
@@ -69,10 +70,20 @@ def run_interpret(config: Config, maps_dir: Path) -> Maps | None:
     dataset = PartDataset(store, spec, [torch.zeros(())] * len(rows), train.normalize)
     for fold in maps.folds():
         task = task_from_record(json.loads(maps.group_record("train", fold).read_text())["task"])
+        done: list[tuple[list, dict | None, list[int | None], str, dict[str, list[Path]]]] = []
         for metric in maps.selection_metrics(fold):
             models = load_selected(maps, fold, metric, train, tuple(record["input_size"]), task, device)
             classes = _explained_classes(maps, fold, metric, group, rows, task, settings.target, label)
             weights = validation_weights(maps, fold, metric, train, task) if task.name == "classification" else None
+            same = next(((m, files) for other, w, c, m, files in done
+                         if w == weights and c == classes and same_weights(models, other)), None)
+            if same is not None:  # another metric selected these weights: its maps are these maps
+                for method in methods:
+                    folder = maps.interpretation(fold, metric, group, method)
+                    _copy_maps(same[1][method], folder, metric)
+                    log.info("interpret split-%d best-%s %s: %s (the weights of best-%s)", fold, metric, method,
+                             folder, same[0])
+                continue
             factors = vote_factors(weights)
             about = {"mode": train.mode, "fold": fold, "selection_metric": metric, "group": group,
                      "target": {"classification": "the true class (the image-level prediction where unknown)"
@@ -80,18 +91,33 @@ def run_interpret(config: Config, maps_dir: Path) -> Maps | None:
                                 "regression": "the predicted value", "reconstruction": "the input itself"}[task.name],
                      "part_weighting": _weighting(train.mode, factors), "factors": factors,
                      "clinicadl_app_version": __version__}
+            written = {}
             for method in methods:
                 folder = maps.interpretation(fold, metric, group, method)
-                _write_maps(models, dataset, rows, classes, task, method, folder, about, reference, settings,
-                            device.device, max(1, train.batch_size))
+                written[method] = _write_maps(models, dataset, rows, classes, task, method, folder, about,
+                                              reference, settings, device.device, max(1, train.batch_size))
                 log.info("interpret split-%d best-%s %s: %s", fold, metric, method, folder)
+            done.append((models, weights, classes, metric, written))
     return maps
+
+
+def _copy_maps(files: list[Path], folder: Path, metric: str) -> None:
+    """Another metric's maps of equal weights (same_weights), each sidecar naming this metric."""
+    for path in files:
+        target = folder / path.name
+        if path.suffix == ".json":
+            write_json(target, json.loads(path.read_text()) | {"selection_metric": metric})
+        else:
+            with atomic_path(target) as tmp:
+                shutil.copyfile(path, tmp)
 
 
 def _write_maps(models, dataset: PartDataset, rows: pd.DataFrame, classes: list[int | None], task, method: str,
                 folder: Path, about: dict, reference: nib.Nifti1Image, settings, device: torch.device,
-                batch: int) -> None:
-    """One method's maps of one model: per image on request, mean per class, and their pictures."""
+                batch: int) -> list[Path]:
+    """One method's maps of one model: per image on request, mean per class, and their pictures (the files
+    written)."""
+    written: list[Path] = []
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     covered = None
@@ -105,19 +131,24 @@ def _write_maps(models, dataset: PartDataset, rows: pd.DataFrame, classes: list[
         counts[key] = counts.get(key, 0) + 1
         if settings.save_individual:
             participant, session = rows.iloc[index][KEYS]
-            _save(values, reference, folder / f"{participant}_{session}_mode-{mode}_desc-{method}_map.nii.gz",
-                  _sidecar(about, covered, method, key, 1))
+            written += _save(values, reference,
+                             folder / f"{participant}_{session}_mode-{mode}_desc-{method}_map.nii.gz",
+                             _sidecar(about, covered, method, key, 1))
     background = np.asanyarray(reference.dataobj, dtype=np.float32)
     for key, total in sums.items():
         mean = total / counts[key]
         stem = f"group-{group}_label-{key}_mode-{mode}_desc-{method}_mean"
-        _save(mean, reference, folder / f"{stem}.nii.gz", _sidecar(about, covered, method, key, counts[key]))
+        written += _save(mean, reference, folder / f"{stem}.nii.gz",
+                         _sidecar(about, covered, method, key, counts[key]))
         figure = map_figures.overlay_rows(background, [("", mean)], map_figures.scale_of([mean]),
                                           f"{method}, {mode}, {group}, {key} (n={counts[key]})")
         save_png(figure, folder / f"{stem}.png", dpi=80, facecolor="black")
+        written.append(folder / f"{stem}.png")
     if method == RECONSTRUCTION_ERROR:
-        _example(models, dataset, folder / f"group-{group}_mode-{mode}_desc-reconstruction_example.png", rows,
-                 settings.layer, device, batch)
+        example = folder / f"group-{group}_mode-{mode}_desc-reconstruction_example.png"
+        _example(models, dataset, example, rows, settings.layer, device, batch)
+        written.append(example)
+    return written
 
 
 def _sidecar(about: dict, covered: np.ndarray | None, method: str, label: str, n_images: int) -> dict:
@@ -166,9 +197,11 @@ def _reference_image(caps: Caps, rows: pd.DataFrame, extraction: Extraction) -> 
     return nib.load(str(caps.t1_linear(first, cropped=not extraction.use_uncropped_image)))
 
 
-def _save(values: np.ndarray, reference: nib.Nifti1Image, path: Path, sidecar: dict) -> None:
+def _save(values: np.ndarray, reference: nib.Nifti1Image, path: Path, sidecar: dict) -> list[Path]:
     image = nib.Nifti1Image(values.astype(np.float32), reference.affine)
     image.header.set_xyzt_units("mm")
     with atomic_path(path) as tmp:
         nib.save(image, str(tmp))
-    write_json(path.with_name(path.name.replace(".nii.gz", ".json")), sidecar)
+    json_path = path.with_name(path.name.replace(".nii.gz", ".json"))
+    write_json(json_path, sidecar)
+    return [path, json_path]
