@@ -215,11 +215,15 @@ def test_the_job_as_pid_1_keeps_its_workers(run_two_jobs, sessions_bids, tmp_pat
 
 @pytest.mark.slow
 def test_a_registration_that_fails_qc_is_retried_reported_and_left_out_of_labels(tmp_path):
-    """A head pitched by 40 degrees, judged against an impossible threshold. The plain registration falls into
+    """A head pitched by 50 degrees, judged against an impossible threshold. The plain registration falls into
     a wrong alignment; the retry's rotation search finds the right one and the better result is kept. The
-    session is written but said to have failed, and the labels stage leaves it out unless asked to keep it."""
+    session is written but said to have failed, and the labels stage leaves it out unless asked to keep it.
+
+    50, not 40: at 40 degrees the plain registration sits on a knife edge (r 0.19 with one thread, 0.21 with
+    two, 0.44 = aligned on another CPU); at 50 and 55 it fails everywhere measured (r 0.10) and the search
+    still rescues it (0.44)."""
     bids = make_bids(tmp_path / "bids", {}, participants="participant_id\tdiagnosis\nsub-01\tAD\n")
-    moved_copy(demo_scan(DEMO_SUBJECTS[3]), bids / "sub-01/anat/sub-01_T1w.nii.gz", 40, axis="x")
+    moved_copy(demo_scan(DEMO_SUBJECTS[3]), bids / "sub-01/anat/sub-01_T1w.nii.gz", 50, axis="x")
     out = tmp_path / "out"
     done = run_app(bids, out, "participant", "--skip_bids_validator", "--qc_threshold", "0.99", "--n_cpus", "2")
     assert done.returncode == 0, done.stderr
@@ -231,7 +235,8 @@ def test_a_registration_that_fails_qc_is_retried_reported_and_left_out_of_labels
     (image,) = caps.index()[0]
     quality = caps.quality(image)
     assert quality["passed"] is False and quality["threshold"] == 0.99
-    assert float(first_try) < 0.3 <= quality["correlation"], "the search rescued what the plain registration missed"
+    assert float(first_try) < 0.3 <= quality["correlation"], \
+        f"the search rescued what the plain registration missed: {first_try} then {quality['correlation']}"
     assert json.loads(caps.sidecar(image).read_text())["RegistrationRetried"] is True
     assert pd.read_csv(caps.qc_table, sep="\t").retried.tolist() == [True]
     dropped = run_app(bids, out, "group", "--stages", "labels", "--column", "diagnosis")
