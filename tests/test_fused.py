@@ -57,13 +57,14 @@ def test_3d_blocks_match_the_modules_and_keep_less(layout, momentum):
             module.momentum = momentum
     reference = plain(model)
     inputs = torch.rand(3, *shape).contiguous(memory_format=layout)
-    same = torch.equal if layout == torch.contiguous_format else lambda a, b: close(a, b) is None
     for _ in range(2):  # the second step uses running statistics updated by the first
         out, state, kept = step(model, inputs)
         out_ref, state_ref, kept_ref = step(reference, inputs)
-        assert same(out, out_ref)
-        for name in state_ref:
-            assert same(state[name], state_ref[name]), name
+        if layout == torch.contiguous_format:
+            assert torch.equal(out, out_ref) and all(torch.equal(state[n], state_ref[n]) for n in state_ref)
+        else:
+            close(out, out_ref)
+            states_close(state, state_ref)
     first_relu_output = 3 * 8 * 33 * 41 * 27 * 4  # bytes of the largest ReLU output
     assert kept_ref - kept >= first_relu_output
 
@@ -75,6 +76,19 @@ def close(actual: torch.Tensor, expected: torch.Tensor, name: str = "") -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5 + 2e-5 * scale, msg=lambda m: f"{name}: {m}")
 
 
+def states_close(state: dict[str, torch.Tensor], state_ref: dict[str, torch.Tensor]) -> None:
+    """Every gradient and buffer close(). A convolution's bias gradient before BatchNorm is zero in exact
+    arithmetic, so both are rounding noise whose size depends on the order of the sum (one thread or two):
+    there both must be zero within 1e-3 of the largest gradient of that convolution's weight."""
+    for name, expected in state_ref.items():
+        weight = state_ref.get(name.removesuffix(".bias") + ".weight") if name.endswith(".bias") else None
+        bound = 1e-3 * float(weight.abs().max()) if weight is not None else 0.0
+        if float(expected.abs().max()) < bound:
+            assert float(state[name].abs().max()) < bound, f"{name}: {state[name]} is not zero within {bound:.2g}"
+        else:
+            close(state[name], expected, name)
+
+
 def steps_close(model: nn.Module, reference: nn.Module, inputs: torch.Tensor) -> tuple[int, int]:
     """Two training steps (the second with running statistics the first updated) give the same output, gradients
     and buffers within rounding; the bytes autograd saved in each."""
@@ -82,8 +96,7 @@ def steps_close(model: nn.Module, reference: nn.Module, inputs: torch.Tensor) ->
         out, state, kept = step(model, inputs)
         out_ref, state_ref, kept_ref = step(reference, inputs)
         close(out, out_ref)
-        for name in state_ref:
-            close(state[name], state_ref[name], name)
+        states_close(state, state_ref)
     return kept, kept_ref
 
 
@@ -163,7 +176,11 @@ def test_2d_random_network_matches_in_training_evaluation_and_recalibration(layo
     same = torch.equal if layout == torch.contiguous_format else lambda a, b: close(a, b) is None
     out, state, _ = step(model, inputs)
     out_ref, state_ref, _ = step(reference, inputs)
-    assert same(out, out_ref) and all(same(state[n], state_ref[n]) for n in state_ref)
+    if layout == torch.contiguous_format:
+        assert torch.equal(out, out_ref) and all(torch.equal(state[n], state_ref[n]) for n in state_ref)
+    else:
+        close(out, out_ref)
+        states_close(state, state_ref)
     model.eval()
     reference.eval()
     with torch.no_grad():
