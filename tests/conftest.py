@@ -64,3 +64,27 @@ def source_brains() -> tuple[list[str], list[str]]:
     """12 brains to train on, 3 that no model sees (for new datasets)."""
     everyone = sorted(p.name for p in (CAPS2MM / "subjects").iterdir())
     return everyone[:12], everyone[12:]
+
+
+# tools/test.sh runs one pytest-xdist worker per core (the suite is CPU-bound: two workers that each start
+# two-thread registrations and trainings were slower than one). Each worker is pinned to its own cores, so that
+# what its tests start sees the worker's share (core.cpus reads the affinity); the heaviest modules are handed
+# out first (with --no-loadscopereorder), so that none of them starts last, alone on one core.
+HEAVY_FIRST = ["test_concurrency", "test_training", "test_participant", "test_predict", "test_registration",
+               "test_raw_scans", "test_promises", "test_distributed", "test_bad_input", "test_interpret_modes"]
+
+
+def pytest_configure(config):
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker and count > 1 and hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) >= count:
+            os.sched_setaffinity(0, cores[int(worker.removeprefix("gw")) % count::count])
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        return HEAVY_FIRST.index(module) if module in HEAVY_FIRST else len(HEAVY_FIRST)
+
+    items.sort(key=rank)  # stable: each module keeps its own order

@@ -28,7 +28,14 @@ fi
 python3 -m venv .venv
 .venv/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
 .venv/bin/ruff check clinicadl_app tests tools benchmarks
-.venv/bin/python -m pytest "$@"
+# one worker per core, at most 4 (tests/conftest.py pins each to its core and hands out the heaviest modules
+# first); TEST_WORKERS=1 runs them one after the other
+workers=${TEST_WORKERS:-$(.venv/bin/python -c "import os; print(min(4, len(os.sched_getaffinity(0))))")}
+if [ "$workers" -gt 1 ]; then
+  .venv/bin/python -m pytest -n "$workers" --dist loadfile --no-loadscopereorder "$@"
+else
+  .venv/bin/python -m pytest "$@"
+fi
 
 # The container image: built with podman from the unchanged Dockerfile and run read-only on the demo.
 # In CI (CI=true) it must run: a missing prerequisite fails with one line naming it.
