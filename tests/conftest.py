@@ -69,7 +69,7 @@ def source_brains() -> tuple[list[str], list[str]]:
 # tools/test.sh runs one pytest-xdist worker per core (the suite is CPU-bound: two workers that each start
 # two-thread registrations and trainings were slower than one). Each worker is pinned to its own cores, so that
 # what its tests start sees the worker's share (core.cpus reads the affinity); the heaviest modules are handed
-# out first (with --no-loadscopereorder), so that none of them starts last, alone on one core.
+# out first (with --no-loadscope-reorder), so that none of them starts last, alone on one core.
 HEAVY_FIRST = ["test_concurrency", "test_training", "test_participant", "test_predict", "test_registration",
                "test_raw_scans", "test_promises", "test_distributed", "test_bad_input", "test_interpret_modes"]
 

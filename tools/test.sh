@@ -32,7 +32,7 @@ python3 -m venv .venv
 # first); TEST_WORKERS=1 runs them one after the other
 workers=${TEST_WORKERS:-$(.venv/bin/python -c "import os; print(min(4, len(os.sched_getaffinity(0))))")}
 if [ "$workers" -gt 1 ]; then
-  .venv/bin/python -m pytest -n "$workers" --dist loadfile --no-loadscopereorder "$@"
+  .venv/bin/python -m pytest -n "$workers" --dist loadfile --no-loadscope-reorder "$@"
 else
   .venv/bin/python -m pytest "$@"
 fi
