@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import convolution
 from .layers import PadMaxPool
 
 _NORMS = (nn.BatchNorm2d, nn.BatchNorm3d)
@@ -78,7 +79,10 @@ class ConvBlocks(nn.Sequential):
 def run_layer(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """module(x); in float32 where torch 2.13's bfloat16 kernel on the CPU (oneDNN's AVX512-BF16) leaves the
     weight gradient undefined, NaN or different at each call: a 3D convolution, plain or transposed, whose input
-    is 2 voxels deep and whose kernel is deeper than 1 (Conv5_FC3's last layer on 32-voxel patches)."""
+    is 2 voxels deep and whose kernel is deeper than 1 (Conv5_FC3's last layer on 32-voxel patches). A
+    channels-last float32 3D convolution in training takes its bias gradient as a sum (convolution.py)."""
+    if _unobserved_convolution(module) and convolution.applies(x, module):
+        return convolution.convolve(x, module)
     if (isinstance(module, nn.Conv3d | nn.ConvTranspose3d) and x.dim() == 5 and x.shape[2] == 2
             and module.kernel_size[0] > 1 and x.device.type == "cpu" and _cpu_bfloat16_autocast()):
         with torch.autocast("cpu", enabled=False):
