@@ -14,7 +14,8 @@ from clinicadl_app.group.networks.fused import run_layer
 CHANNELS_LAST = torch.channels_last_3d
 
 
-def gradients(conv: nn.Conv3d, x: torch.Tensor, through_run_layer: bool) -> tuple[torch.Tensor, ...]:
+def gradients(conv: nn.Conv3d, x: torch.Tensor, through_run_layer: bool) -> tuple:
+    """Output, weight, bias and input gradients, and the output's autograd node."""
     conv.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_(x.requires_grad)
     out = run_layer(conv, x) if through_run_layer else conv(x)
