@@ -118,7 +118,7 @@ deterministic = true
 @pytest.fixture(scope="module")
 def trivial(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("trivial")
-    generate_trivial(Caps(CAPS2MM), root, Trivial(n_subjects=24, seed=1))
+    generate_trivial(Caps(CAPS2MM), root, Trivial(n_subjects=24, seed=1, downsample=2))  # 4 mm: files, not learning
     (root / "experiment.toml").write_text(EXPERIMENT)
     return root
 

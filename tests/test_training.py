@@ -43,6 +43,16 @@ def trivial(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def trivial4(tmp_path_factory) -> Path:
+    """The same subjects at 4 mm (42x52x45), for the tests of what runs do with files and processes (resuming,
+    reproducing, transfer, refusals), not of what networks learn: an epoch costs an eighth."""
+    root = tmp_path_factory.mktemp("trivial4")
+    generate_trivial(Caps(CAPS2MM), root, Trivial(n_subjects=30, seed=0, downsample=2))
+    (root / "experiment.toml").write_text(EXPERIMENT)
+    return root
+
+
 def group(root: Path, out: Path, *args: str, stages=("labels", "split", "train")):
     return run_app(root / "bids", out, "group", "--caps_dir", root / "caps", "--config", root / "experiment.toml",
                    "--stages", *stages, *args)
@@ -83,6 +93,10 @@ def test_every_maps_file_exists_and_parses(image_run):
     assert record["split"]["split"]["seed"] == 0 and record["seed"] == 0
     environment = (maps / "environment.txt").read_text()
     assert "torch " in environment and "cpu " in environment and "packages:" in environment
+    from importlib.metadata import version
+
+    for package in ("torch", "numpy", "clinicadl-app", "cmeel-mimalloc"):  # each installed package, pinned
+        assert f"\n  {package}=={version(package)}\n" in environment.lower(), package
     assert "\nallocator mimalloc\n" in environment, "the pip-installed allocator was not preloaded for training"
     seen = pd.read_csv(maps / "groups" / "train+validation.tsv", sep="\t")
     train = pd.read_csv(out / "splits" / "diagnosis_AD_CN" / "train.tsv", sep="\t")
@@ -193,20 +207,20 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)["model"]
 
 
-def test_deterministic_runs_and_kill_resume_give_identical_weights(trivial, tmp_path):
+def test_deterministic_runs_and_kill_resume_give_identical_weights(trivial4, tmp_path):
     """A run, and another one killed after its first checkpoint then resumed, end with equal weights and logs:
     runs are deterministic and resuming changes nothing."""
     args = ["--split", "0", "--epochs", "3", "--deterministic", "--evaluate_train"]
-    first = group(trivial, tmp_path / "a", *args)
+    first = group(trivial4, tmp_path / "a", *args)
     assert first.returncode == 0, first.stderr
     a = maps_of(tmp_path / "a")
 
     # kill a second run after its first checkpoint, then start it again
     out = tmp_path / "c"
-    setup = group(trivial, out, *args, stages=("labels", "split"))
+    setup = group(trivial4, out, *args, stages=("labels", "split"))
     assert setup.returncode == 0
-    command = [sys.executable, str(ROOT / "run.py"), str(trivial / "bids"), str(out), "group", "--caps_dir",
-               str(trivial / "caps"), "--config", str(trivial / "experiment.toml"), "--stages", "train", *args]
+    command = [sys.executable, str(ROOT / "run.py"), str(trivial4 / "bids"), str(out), "group", "--caps_dir",
+               str(trivial4 / "caps"), "--config", str(trivial4 / "experiment.toml"), "--stages", "train", *args]
     job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     checkpoint = None
@@ -219,8 +233,8 @@ def test_deterministic_runs_and_kill_resume_give_identical_weights(trivial, tmp_
     assert checkpoint is not None, "the run ended before its first checkpoint"
     job.send_signal(signal.SIGKILL)
     job.wait()
-    resumed = run_app(trivial / "bids", out, "group", "--caps_dir", trivial / "caps", "--config",
-                      trivial / "experiment.toml", "--stages", "train", *args)
+    resumed = run_app(trivial4 / "bids", out, "group", "--caps_dir", trivial4 / "caps", "--config",
+                      trivial4 / "experiment.toml", "--stages", "train", *args)
     assert resumed.returncode == 0 and "resuming after epoch" in resumed.stderr, resumed.stderr
     c = maps_of(out)
     for selection in ("loss", "BA"):
@@ -232,14 +246,14 @@ def test_deterministic_runs_and_kill_resume_give_identical_weights(trivial, tmp_
     pd.testing.assert_frame_equal(log_a, log_c)
 
 
-def test_transfer_learning(trivial, tmp_path):
+def test_transfer_learning(trivial4, tmp_path):
     source_out = tmp_path / "source"
-    source = group(trivial, source_out, "--network_task", "reconstruction", "--epochs", "1", "--split", "0")
+    source = group(trivial4, source_out, "--network_task", "reconstruction", "--epochs", "1", "--split", "0")
     assert source.returncode == 0, source.stderr
     source_maps = maps_of(source_out)
     # same split: the source saw only training subjects -> accepted, autoencoder -> CNN
-    target = run_app(trivial / "bids", source_out, "group", "--caps_dir", trivial / "caps", "--config",
-                     trivial / "experiment.toml", "--stages", "train", "--split", "0", "--epochs", "1",
+    target = run_app(trivial4 / "bids", source_out, "group", "--caps_dir", trivial4 / "caps", "--config",
+                     trivial4 / "experiment.toml", "--stages", "train", "--split", "0", "--epochs", "1",
                      "--transfer_path", source_maps, "--experiment", "from_ae")
     assert target.returncode == 0, target.stderr
     assert "transfer:" in target.stderr
@@ -252,39 +266,39 @@ def test_transfer_learning(trivial, tmp_path):
     assert set(fitted.maps) == {"from_ae", source_maps.name}
     assert set(fitted.participant_id) == train0 and not set(seen.participant_id) <= train0
     # CNN -> CNN: every tensor of the classifier carries over; a swapped label code is refused
-    common = ("group", "--caps_dir", trivial / "caps", "--config", trivial / "experiment.toml", "--stages", "train",
+    common = ("group", "--caps_dir", trivial4 / "caps", "--config", trivial4 / "experiment.toml", "--stages", "train",
               "--split", "0", "--epochs", "1", "--transfer_path", source_out / "maps" / "from_ae")
-    cnn = run_app(trivial / "bids", source_out, *common, "--experiment", "cnn_to_cnn")
+    cnn = run_app(trivial4 / "bids", source_out, *common, "--experiment", "cnn_to_cnn")
     assert cnn.returncode == 0, cnn.stderr
     copied = int(cnn.stderr.split("transfer: ")[1].split()[0])
     assert copied == len(_weights(source_out / "maps" / "cnn_to_cnn" / "split-0" / "best-loss" / "model.pth.tar"))
     # another label (no test set, so nothing leaks): the classes differ -> refused before training
-    sex = run_app(trivial / "bids", tmp_path / "sex", *common[:5], "--stages", "labels", "split", "train",
+    sex = run_app(trivial4 / "bids", tmp_path / "sex", *common[:5], "--stages", "labels", "split", "train",
                   *common[7:], "--column", "sex", "--values", "F", "M", "--n_test", "0")
     assert sex.returncode == ExitCode.USAGE and "label code" in sex.stderr, sex.stderr
     assert not list((tmp_path / "sex").glob("maps/*/split-*/best-*"))
     # another split whose test set holds subjects the source trained on -> refused
-    other = run_app(trivial / "bids", tmp_path / "other", "group", "--caps_dir", trivial / "caps", "--config",
-                    trivial / "experiment.toml", "--stages", "labels", "split", "train", "--split_seed", "5",
+    other = run_app(trivial4 / "bids", tmp_path / "other", "group", "--caps_dir", trivial4 / "caps", "--config",
+                    trivial4 / "experiment.toml", "--stages", "labels", "split", "train", "--split_seed", "5",
                     "--transfer_path", source_maps)
     assert other.returncode == ExitCode.LEAKAGE, other.stderr
     assert "biased transfer learning" in other.stderr and "sub-TRIV" in other.stderr
     assert not list((tmp_path / "other").glob("maps/*/split-*/best-*"))
 
 
-def test_bad_input_fails_before_the_first_epoch(trivial, tmp_path):
-    wrong = group(trivial, tmp_path / "a", "--architecture", "resnet18")
+def test_bad_input_fails_before_the_first_epoch(trivial4, tmp_path):
+    wrong = group(trivial4, tmp_path / "a", "--architecture", "resnet18")
     assert wrong.returncode == ExitCode.USAGE and "resnet18" in wrong.stderr
     assert not list((tmp_path / "a").glob("maps/*/split-*"))
-    custom = group(trivial, tmp_path / "b", "--architecture", "no.such:Net")
+    custom = group(trivial4, tmp_path / "b", "--architecture", "no.such:Net")
     assert custom.returncode == ExitCode.USAGE and "no.such:Net" in custom.stderr
-    one_class = group(trivial, tmp_path / "c", "--classes", "AD")
+    one_class = group(trivial4, tmp_path / "c", "--classes", "AD")
     assert one_class.returncode == ExitCode.USAGE and "needs every class" in one_class.stderr
 
 
-def test_missing_images_and_corrupt_tensors(trivial, tmp_path):
+def test_missing_images_and_corrupt_tensors(trivial4, tmp_path):
     copy = tmp_path / "data"
-    subprocess.run(["cp", "-r", str(trivial), str(copy)], check=True)
+    subprocess.run(["cp", "-r", str(trivial4), str(copy)], check=True)
     out = tmp_path / "out"
     assert group(copy, out, stages=("labels", "split")).returncode == 0
     subject = pd.read_csv(out / "splits" / "diagnosis_AD_CN" / "split-0" / "train.tsv", sep="\t").participant_id[0]
@@ -351,18 +365,18 @@ def test_transfer_single_to_multi_and_multi_to_multi_network(trivial, tmp_path):
     assert sorted(s.split("/")[-1] for s in sources) == ["network-0_model.pth.tar", "network-1_model.pth.tar"], sources
 
 
-def test_reproduce_draws_the_recorded_split_and_retrains_identical_weights(trivial, tmp_path):
+def test_reproduce_draws_the_recorded_split_and_retrains_identical_weights(trivial4, tmp_path):
     out = tmp_path / "out"
-    first = group(trivial, out, "--split", "1", "--epochs", "2", "--deterministic")
+    first = group(trivial4, out, "--split", "1", "--epochs", "2", "--deterministic")
     assert first.returncode == 0, first.stderr
     original = maps_of(out)
     untouched = {p: p.read_bytes() for p in original.rglob("*") if p.is_file() and p.suffix in (".json", ".tsv")}
-    reproduce = lambda bids, target, *extra: run_app(bids, target, "group", "--caps_dir", trivial / "caps",  # noqa: E731
+    reproduce = lambda bids, target, *extra: run_app(bids, target, "group", "--caps_dir", trivial4 / "caps",  # noqa: E731
                                                      "--reproduce", original, *extra)
 
     # a dataset that lost a participant draws another split: refused before training, with the reason
     bids = tmp_path / "bids"
-    shutil.copytree(trivial / "bids", bids)
+    shutil.copytree(trivial4 / "bids", bids)
     table = pd.read_csv(bids / "participants.tsv", sep="\t")
     table.iloc[1:].to_csv(bids / "participants.tsv", sep="\t", index=False)
     refused = reproduce(bids, out)
@@ -373,7 +387,7 @@ def test_reproduce_draws_the_recorded_split_and_retrains_identical_weights(trivi
     assert not list(failed.glob("split-*")) and not list((out / "splits").glob("*-reproduced"))
 
     # the right data, into the same output folder: the same split files, bit-identical weights and metrics
-    done = reproduce(trivial / "bids", out)
+    done = reproduce(trivial4 / "bids", out)
     assert done.returncode == 0, done.stderr
     copy = out / "maps" / f"{original.name}-reproduced"
     (split,) = [p for p in (out / "splits").iterdir() if not p.name.endswith("-reproduced")]
@@ -400,7 +414,7 @@ def test_reproduce_draws_the_recorded_split_and_retrains_identical_weights(trivi
     shutil.copytree(original, published)
     environment = published / "environment.txt"
     environment.write_text(environment.read_text().replace(f"torch {torch.__version__}", "torch 2.0.0"))
-    stranger = run_app(trivial / "bids", tmp_path / "stranger", "group", "--caps_dir", trivial / "caps",
+    stranger = run_app(trivial4 / "bids", tmp_path / "stranger", "group", "--caps_dir", trivial4 / "caps",
                        "--reproduce", published, "--stages", "labels", "split", "--batch_size", "2")
     assert stranger.returncode == 0, stranger.stderr
     assert f"torch {torch.__version__} (recorded 2.0.0)" in stranger.stderr
@@ -408,16 +422,16 @@ def test_reproduce_draws_the_recorded_split_and_retrains_identical_weights(trivi
     assert (tmp_path / "stranger" / "splits" / f"{split.name}-reproduced" / "split.json").is_file()
 
     # an exported archive is a recorded MAPS too: unpacked, its split drawn again and matched by its hash
-    exported = run_app(trivial / "bids", out, "group", "--stages", "export", "--maps_dir", original)
+    exported = run_app(trivial4 / "bids", out, "group", "--stages", "export", "--maps_dir", original)
     assert exported.returncode == 0, exported.stderr
     archive = out / "exports" / f"{original.name}.tar.gz"
-    from_archive = run_app(trivial / "bids", tmp_path / "receiver", "group", "--caps_dir", trivial / "caps",
+    from_archive = run_app(trivial4 / "bids", tmp_path / "receiver", "group", "--caps_dir", trivial4 / "caps",
                            "--reproduce", archive, "--stages", "labels", "split")
     assert from_archive.returncode == 0, from_archive.stderr
     assert (tmp_path / "receiver" / "maps" / original.name / "export.json").is_file()
 
-    both = run_app(trivial / "bids", tmp_path / "x", "group", "--reproduce", original, "--config",
-                   trivial / "experiment.toml")
+    both = run_app(trivial4 / "bids", tmp_path / "x", "group", "--reproduce", original, "--config",
+                   trivial4 / "experiment.toml")
     assert both.returncode == ExitCode.USAGE and both.stderr.count("\n") == 1
 
 

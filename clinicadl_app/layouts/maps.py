@@ -19,6 +19,7 @@ maps/<experiment>/ (or search/<study>/trial-<number>/, one per search trial)
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import re
@@ -207,10 +208,20 @@ def environment_text(command: list[str] | None = None) -> str:
     if command:
         lines.append("command " + " ".join(command))
     lines.append("packages:")
-    packages = sorted({f"{d.metadata['Name']}=={d.version}" for d in distributions() if d.metadata["Name"]},
-                      key=str.lower)
-    lines += [f"  {p}" for p in packages]
+    lines += [f"  {p}" for p in _packages()]
     return "\n".join(lines) + "\n"
+
+
+@functools.cache
+def _packages() -> tuple[str, ...]:
+    """name==version of every installed distribution; each one's metadata is parsed once per process (reading
+    d.metadata and d.version parsed it three times: 0.3 s per call, paid by every fold)."""
+    found = set()
+    for distribution in distributions():
+        metadata = distribution.metadata
+        if metadata["Name"]:
+            found.add(f"{metadata['Name']}=={metadata['Version']}")
+    return tuple(sorted(found, key=str.lower))
 
 
 def _cpu_model() -> str:
