@@ -46,11 +46,10 @@ float noise of gradients that should be zero (a convolution's bias before BatchN
 TRAIN = ("--stages", "train", "--split", "0")
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
+def _dataset(tmp_path_factory, downsample: int) -> Path:
     """28 subjects: fold 0 trains on 10, an even number, so two processes split every batch without padding."""
-    root = tmp_path_factory.mktemp("distributed")
-    generate_trivial(Caps(CAPS2MM), root, Trivial(n_subjects=28, seed=0))
+    root = tmp_path_factory.mktemp(f"distributed{2 * downsample}mm")
+    generate_trivial(Caps(CAPS2MM), root, Trivial(n_subjects=28, seed=0, downsample=downsample))
     (root / "experiment.toml").write_text(EXPERIMENT)
     split = run_app(root / "bids", root / "split", "group", "--caps_dir", root / "caps", "--config",
                     root / "experiment.toml", "--stages", "labels", "split", check=True)
@@ -61,15 +60,15 @@ def dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return _dataset(tmp_path_factory, 1)
+
+
+@pytest.fixture(scope="module")
 def dataset4(tmp_path_factory) -> Path:
-    """The same 28 subjects at 4 mm, for what processes do when one dies (not for gradients): an eighth of the
+    """The same subjects at 4 mm, for what processes do when one dies (not for gradients): an eighth of the
     compute per epoch, so the run has more epochs for the kill to land in."""
-    root = tmp_path_factory.mktemp("distributed4")
-    generate_trivial(Caps(CAPS2MM), root, Trivial(n_subjects=28, seed=0, downsample=2))
-    (root / "experiment.toml").write_text(EXPERIMENT)
-    run_app(root / "bids", root / "split", "group", "--caps_dir", root / "caps", "--config", root / "experiment.toml",
-            "--stages", "labels", "split", check=True)
-    return root
+    return _dataset(tmp_path_factory, 2)
 
 
 def _copy_split(dataset: Path, out: Path) -> Path:

@@ -35,22 +35,23 @@ learning_rate = 1e-4
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def trivial(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("trivial")
-    generate_trivial(Caps(CAPS2MM), root, Trivial(n_subjects=30, seed=0))
+def _trivial(tmp_path_factory, downsample: int) -> Path:
+    root = tmp_path_factory.mktemp(f"trivial{2 * downsample}mm")
+    generate_trivial(Caps(CAPS2MM), root, Trivial(n_subjects=30, seed=0, downsample=downsample))
     (root / "experiment.toml").write_text(EXPERIMENT)
     return root
+
+
+@pytest.fixture(scope="module")
+def trivial(tmp_path_factory) -> Path:
+    return _trivial(tmp_path_factory, 1)
 
 
 @pytest.fixture(scope="module")
 def trivial4(tmp_path_factory) -> Path:
     """The same subjects at 4 mm (42x52x45), for the tests of what runs do with files and processes (resuming,
     reproducing, transfer, refusals), not of what networks learn: an epoch costs an eighth."""
-    root = tmp_path_factory.mktemp("trivial4")
-    generate_trivial(Caps(CAPS2MM), root, Trivial(n_subjects=30, seed=0, downsample=2))
-    (root / "experiment.toml").write_text(EXPERIMENT)
-    return root
+    return _trivial(tmp_path_factory, 2)
 
 
 def group(root: Path, out: Path, *args: str, stages=("labels", "split", "train")):
