@@ -31,9 +31,11 @@ def _conv_layer(model: nn.Module, block: int) -> nn.Module:
 
 
 def attribute(model: nn.Module, method: str, inputs: torch.Tensor, target: torch.Tensor | int | None,
-              layer: int) -> torch.Tensor:
+              layer: int, batch: int = 1) -> torch.Tensor:
     """Attribution of each input voxel, same shape as `inputs`, non-negative. `target`: the class explained
-    (one, or one per input); None for a single output (regression)."""
+    (one, or one per input); None for a single output (regression). `batch`: how many inputs one forward may
+    take (the training batch, which fits): occlusion's perturbed copies go through the model that many at a
+    time, not one by one (a 2 mm image 19.5 -> 4.4 s, a 1 mm image 66 -> 50 s, Conv5_FC3 on 2 AVX-512 cores)."""
     from captum import attr
 
     model.eval()
@@ -54,20 +56,21 @@ def attribute(model: nn.Module, method: str, inputs: torch.Tensor, target: torch
         window = tuple([inputs.shape[1]] + [max(1, s // 6) for s in inputs.shape[2:]])
         stride = tuple([1] + [max(1, s // 6) for s in inputs.shape[2:]])
         values = attr.Occlusion(model).attribute(inputs.detach(), target=target, sliding_window_shapes=window,
-                                                 strides=stride, baselines=0)
+                                                 strides=stride, baselines=0,
+                                                 perturbations_per_eval=max(1, batch // len(inputs)))
         return values.abs()
     raise UsageError(f"unknown interpretation method {method}")
 
 
 def explain(model: nn.Module, method: str, inputs: torch.Tensor, target: torch.Tensor | None,
-            layer: int) -> torch.Tensor:
+            layer: int, batch: int = 1) -> torch.Tensor:
     """A voxel map per input, same shape as `inputs`."""
     if method in (RECONSTRUCTION_ERROR, RECONSTRUCTION):
         model.eval()
         with torch.no_grad():
             output = model(inputs)
         return (output - inputs).abs() if method == RECONSTRUCTION_ERROR else output
-    return attribute(model, method, inputs, target, layer)
+    return attribute(model, method, inputs, target, layer, batch)
 
 
 def vote_factors(weights: dict[int, float] | None) -> dict[int, float] | None:
@@ -91,7 +94,8 @@ def image_map(models, dataset: PartDataset, index: int, method: str, target: int
             chunk = chosen[start:start + batch]
             inputs = torch.stack([dataset[index * positions + p]["input"] for p in chunk]).to(device)
             targets = None if target is None else torch.full((len(chunk),), target, dtype=torch.long)
-            values = explain(model, method, inputs, targets, layer).mean(1).cpu().numpy()  # channels (rgb slices)
+            values = explain(model, method, inputs, targets, layer, batch)
+            values = values.mean(1).cpu().numpy()  # over channels (rgb slices)
             for position, part_map in zip(chunk, values, strict=True):
                 part = spec.ids[dataset.parts[position]]
                 region, placed = spec.place(part, part_map)
