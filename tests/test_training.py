@@ -295,6 +295,14 @@ def test_bad_input_fails_before_the_first_epoch(trivial4, tmp_path):
     assert custom.returncode == ExitCode.USAGE and "no.such:Net" in custom.stderr
     one_class = group(trivial4, tmp_path / "c", "--classes", "AD")
     assert one_class.returncode == ExitCode.USAGE and "needs every class" in one_class.stderr
+    metric_name = group(trivial4, tmp_path / "d", "--selection_metrics", "loss", "Accuracy")
+    assert metric_name.returncode == ExitCode.USAGE and "selection_metrics Accuracy" in metric_name.stderr
+    too_large = group(trivial4, tmp_path / "e", "--mode", "patch", "--patch_size", "60")
+    assert too_large.returncode == ExitCode.USAGE and "patch_size" in too_large.stderr
+    for refused in (metric_name, too_large):
+        errors = [line for line in refused.stderr.splitlines() if "error" in line.lower()]
+        assert "Traceback" not in refused.stderr and errors == refused.stderr.splitlines()[-1:], refused.stderr
+    assert not list(tmp_path.glob("*/maps/*/split-*"))
 
 
 def test_missing_images_and_corrupt_tensors(trivial4, tmp_path):

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from clinicadl_app.core.config import Extraction
-from clinicadl_app.core.errors import InputDataError, MissingInputError
+from clinicadl_app.core.errors import InputDataError, MissingInputError, UsageError
 from clinicadl_app.group import augment
 from clinicadl_app.images import modes
 from clinicadl_app.images.extraction import extract, load_mask, write_descriptions
@@ -43,7 +43,16 @@ class PartSpec:
 
 
 def part_spec(mode: str, shape: tuple[int, ...], extraction: Extraction, caps: Caps) -> PartSpec:
-    """`shape` is the image's spatial shape (X, Y, Z)."""
+    """`shape` is the image's spatial shape (X, Y, Z). Parts that do not fit the images are a setting to change,
+    said in one line before anything is trained."""
+    try:
+        return _part_spec(mode, shape, extraction, caps)
+    except ValueError as error:
+        hint = {"patch": "patch_size", "slice": "discarded_slices"}.get(mode, "settings")
+        raise UsageError(f"{caps.root}: {error} ({mode} mode); change [extraction] {hint}") from None
+
+
+def _part_spec(mode: str, shape: tuple[int, ...], extraction: Extraction, caps: Caps) -> PartSpec:
     whole = tuple(slice(None) for _ in shape)
     if mode == "image":
         return PartSpec(mode, (0,), lambda image, _: image, lambda _, values: (whole, values))

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pandas as pd
 
 from clinicadl_app.core.config import Config
+from clinicadl_app.core.errors import UsageError
 from clinicadl_app.group.label_table import parse_subgroups
+from clinicadl_app.group.metrics import names as metric_names
 from clinicadl_app.group.tasks import Task
 
 
@@ -47,3 +49,13 @@ def select_rows(rows: pd.DataFrame, config: Config) -> pd.DataFrame:
 
 def selection_metrics(config: Config, task: Task) -> tuple[str, ...]:
     return config.train.selection_metrics or task.default_selection()
+
+
+def check_selection_metrics(config: Config) -> None:
+    """A metric the task does not compute would select no model: refused before anything is trained, not
+    found missing by the predict stage after training."""
+    task = network_task(config)
+    unknown = [metric for metric in config.train.selection_metrics if metric not in metric_names(task)]
+    if unknown:
+        raise UsageError(f"[train] selection_metrics {', '.join(unknown)}: not a validation metric of {task}; use "
+                         "some of " + ", ".join(sorted(metric_names(task))))

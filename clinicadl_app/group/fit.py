@@ -28,7 +28,13 @@ from clinicadl_app.core.errors import UsageError
 from clinicadl_app.group import augment
 from clinicadl_app.group.data import ImageStore, PartDataset, image_paths, part_spec
 from clinicadl_app.group.evaluation import Evaluator
-from clinicadl_app.group.experiment import experiment_name, network_task, select_rows, selection_metrics
+from clinicadl_app.group.experiment import (
+    check_selection_metrics,
+    experiment_name,
+    network_task,
+    select_rows,
+    selection_metrics,
+)
 from clinicadl_app.group.model_card import write_model_card
 from clinicadl_app.group.models import build_model, load_selected, same_weights, task_record
 from clinicadl_app.group.results import GroupResult, evaluate_group
@@ -66,6 +72,7 @@ def train_maps(config: Config, folder: SplitFolder, maps: Maps,
     The test set is read only to check a transfer source against it. With several processes (`world`), every
     one prepares and trains; only the main one writes."""
     world = world or World()
+    check_selection_metrics(config)
     settings = config.train
     caps = Caps(config.caps_dir)
     available = folder.folds()
