@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shared = _shared_names()
     for section, cls in Config.SECTIONS.items():
-        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())  # the whole first paragraph
         group = parser.add_argument_group(f"[{section}]", doc)
         for setting in fields(cls):
             if not setting.metadata.get("toml_only"):
@@ -110,7 +110,7 @@ def _flags(section: str, setting: Field, shared: set[str]) -> list[str]:
 
 def _help(setting: Field) -> str:
     default = setting.default
-    if default in (None, (), False):
+    if default in (None, (), False, "") or "(default:" in setting.metadata["help"]:  # "" reads as "derived"
         return setting.metadata["help"]
     shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
     return f"{setting.metadata['help']} (default: {shown})"

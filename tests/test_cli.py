@@ -136,4 +136,10 @@ def test_help_lists_every_section():
     help_text = build_parser().format_help()
     for section in Config.SECTIONS:
         assert f"[{section}]" in help_text
+    groups = {group.title: group.description for group in build_parser()._action_groups}
+    for section in Config.SECTIONS:  # a wrapped docstring is said whole, not cut at its first line
+        assert groups[f"[{section}]"].endswith((".", ")")), groups[f"[{section}]"]
+    helps = [action.help or "" for action in build_parser()._actions]
+    assert "(default: )" not in help_text and all(text.count("(default:") <= 1 for text in helps)
+    assert any(text.endswith("(default: the [labels] folder's)") for text in helps)
     assert Path(ROOT / "run.py").exists()
