@@ -89,6 +89,7 @@ def test_two_jobs_share_one_study_and_never_read_the_test_set(data):
         hidden.rename(test_file)
     for job, (_, stderr) in zip(jobs, results, strict=True):
         assert job.returncode == 0, stderr
+        assert "Warning" not in stderr, stderr  # the report's plots say nothing in the jobs' logs
     trials = trials_of(out)
     assert sorted(trials.number) == [0, 1, 2, 3] and set(trials.state) == {"COMPLETE"}, trials
     params = trials[[c for c in trials.columns if c.startswith("param_")]]

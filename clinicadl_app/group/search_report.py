@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import logging
+import warnings
 
 import optuna
 import pandas as pd
@@ -58,7 +59,9 @@ def _importance(study: optuna.Study, complete: int) -> str:
     parts = []
     for name, plot in (("parameter importance", plots.plot_param_importances), ("slices", plots.plot_slice)):
         try:
-            axes = plot(study)
+            with warnings.catch_warnings():  # Optuna's "experimental" notices and few-trial axis warnings: the
+                warnings.simplefilter("ignore")  # figure is the message, not lines in every search job's log
+                axes = plot(study)
         except (ValueError, RuntimeError, ZeroDivisionError) as error:  # e.g. a parameter with one value
             parts.append(f"<p class='note'>{name}: not available ({html.escape(str(error))})</p>")
             continue
