@@ -81,3 +81,10 @@ def test_empty_dataset_and_bad_filter_file(tmp_path):
     broken.write_text("{not json")
     with pytest.raises(UsageError, match="f.json"):
         read_filters(broken)
+    misspelt = tmp_path / "t1.json"
+    misspelt.write_text(json.dumps({"T1w": {"acquisition": "b"}, "bold": {"task": "rest"}}))
+    with pytest.raises(UsageError, match="'T1w'.*'t1w'"):  # would select every scan, not acquisition b
+        read_filters(misspelt)
+    fmriprep = tmp_path / "fmriprep.json"
+    fmriprep.write_text(json.dumps({"t1w": {"acquisition": "b"}, "bold": {"task": "rest"}}))
+    assert read_filters(fmriprep) == {"acquisition": "b"}  # an fMRIPrep file's other queries are not ours

@@ -81,6 +81,10 @@ def read_filters(path: Path | None) -> dict[str, object]:
     if not isinstance(data, dict) or not isinstance(data.get("t1w", {}), dict):
         raise UsageError(f'{path}: expected {{"t1w": {{"entity": "value", ...}}}}; fix the filter file')
     unknown = set(data) - {"t1w"}
+    misspelt = sorted(key for key in unknown if key.lower().startswith("t1"))
+    if misspelt:  # ignored, it would select every T1w scan: the opposite of what the file asks
+        raise UsageError(f"{path}: no 't1w' query, but {', '.join(repr(k) for k in misspelt)}; the T1w query's key "
+                         "is 't1w' (lower case, as in fMRIPrep); fix the filter file")
     if unknown:
         log.warning("%s: only the 't1w' query is used; ignoring %s", path, ", ".join(sorted(unknown)))
     return dict(data.get("t1w", {}))
