@@ -22,6 +22,7 @@ from typing import Any, Literal, NoReturn
 import argparse_dataclass
 
 from clinicadl_app import __version__
+from clinicadl_app.core.atomic import check_writable
 from clinicadl_app.core.config import Config
 from clinicadl_app.core.config_file import build_config, field_types
 from clinicadl_app.core.errors import AppError, ExitCode, MissingInputError, OutputError, UnknownLevelError, UsageError
@@ -160,6 +161,8 @@ def prepare_process(config: Config) -> None:
     cpus = str(config.execution.cpus)
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ.setdefault(variable, cpus)
+    if config.execution.work_dir:
+        check_writable(config.execution.work_dir, "the work folder", "choose another --work_dir or fix its permissions")
     scratch = config.execution.work_dir or config.output_dir / "work"
     try:
         with tempfile.TemporaryFile():

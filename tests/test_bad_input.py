@@ -80,6 +80,10 @@ def test_output_folder_not_writable(tmp_path):
     done = run_app(DEMO, blocker / "out", "participant", "--skip_bids_validator")
     assert done.returncode == ExitCode.CANNOT_WRITE
     assert "not writable" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    work = run_app(DEMO, tmp_path / "out", "participant", "--skip_bids_validator", "--work_dir", blocker / "work")
+    assert work.returncode == ExitCode.CANNOT_WRITE and len(work.stderr.strip().splitlines()) == 1, work.stderr
+    assert "work folder is not writable" in work.stderr and "--work_dir" in work.stderr
+    assert not list((tmp_path / "out").glob("caps/subjects/*")), "refused before any subject"
 
 
 def test_unreadable_image(tmp_path):

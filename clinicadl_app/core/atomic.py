@@ -13,6 +13,8 @@ from typing import Any
 import pandas as pd
 from filelock import FileLock
 
+from clinicadl_app.core.errors import OutputError
+
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
@@ -91,6 +93,18 @@ def write_json(path: Path, data: Any) -> None:
 def write_tsv(path: Path, table: pd.DataFrame) -> None:
     with atomic_path(path) as tmp:
         table.to_csv(tmp, sep="\t", index=False, na_rep="n/a")
+
+
+def check_writable(folder: Path, what: str, fix: str) -> None:
+    """Create `folder` and write a file in it, so that an unusable folder is one line before any work, not a
+    failure per subject later."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise OutputError(f"{folder}: {what} is not writable ({error.strerror}); {fix}") from None
 
 
 def lock(path: Path, timeout: float = 600) -> FileLock:

@@ -12,8 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from clinicadl_app import __version__
-from clinicadl_app.core.atomic import lock, write_json, write_text
-from clinicadl_app.core.errors import OutputError
+from clinicadl_app.core.atomic import check_writable, lock, write_json, write_text
 from clinicadl_app.layouts.caps import CapsImage
 
 BIDS_VERSION = "1.9.0"
@@ -82,16 +81,7 @@ class OutputLayout:
 
     def prepare(self, source: Path) -> None:
         """Create OUTPUT_DIR as a BIDS derivative; refuse early and clearly when it is not writable."""
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / f".write-test-{os.getpid()}"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as error:
-            raise OutputError(
-                f"{self.root}: the output folder is not writable ({error.strerror}); "
-                "choose another folder or fix its permissions"
-            ) from None
+        check_writable(self.root, "the output folder", "choose another folder or fix its permissions")
         self._write_description(source)
         bidsignore = self.root / ".bidsignore"
         with lock(bidsignore):
