@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from clinicadl_app.core import cpus
+from clinicadl_app.core.config import Execution
 from clinicadl_app.core.errors import ExitCode
 from clinicadl_app.generate import TRIVIAL_SPLIT, Trivial, generate_trivial
 from clinicadl_app.layouts.caps import Caps
@@ -125,8 +126,11 @@ def test_two_processes_with_sync_batchnorm_train_as_one_process_with_the_whole_b
     assert single.returncode == 0, single.stderr
     synced = torchrun(dataset, _copy_split(dataset, tmp_path / "sync"), "--sync_batchnorm")
     assert synced.returncode == 0, synced.stderr
-    local = torchrun(dataset, _copy_split(dataset, tmp_path / "local"))
+    local = torchrun(dataset, _copy_split(dataset, tmp_path / "local"), "--stages", "train", "predict")
     assert local.returncode == 0, local.stderr
+    # predict runs in the main process alone, on the threads the ended process leaves
+    assert f"the next stages run in this one on {cpus.allocated_cpus()} thread(s)" in local.stderr, local.stderr
+    assert local.stderr.count("predict split-0 best-loss on test") == 1
 
     start = _initial(dataset, tmp_path)
     one, sync, apart = _weights(tmp_path / "one"), _weights(tmp_path / "sync"), _weights(tmp_path / "local")
@@ -219,6 +223,10 @@ def test_threads_follow_the_allocation_not_the_node(tmp_path, monkeypatch):
     monkeypatch.setattr(cpus, "_cgroup_quota", lambda: read_quota(tmp_path))
     assert cpus.allocated_cpus() == 3
     assert cpus.allocated_cpus(processes_on_node=2) == 1, "torchrun's processes share the allocation"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    execution = Execution()
+    assert (execution.cpus, execution.cpus_alone) == (1, 3), "after training, the main process takes the rest"
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "2")
     assert cpus.allocated_cpus(processes_on_node=4) == 2, "SLURM gives each task its own CPUs"
     (tmp_path / "cpu.max").write_text("max 100000\n")

@@ -71,6 +71,14 @@ class Execution:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)  # torchrun: processes on this node
         return self.n_cpus or allocated_cpus(local)
 
+    @property
+    def cpus_alone(self) -> int:
+        """What the main process may use once torchrun's other processes on its node have ended (after training:
+        predict, interpret and report run in the main process only)."""
+        from clinicadl_app.core.cpus import allocated_cpus
+
+        return self.n_cpus or allocated_cpus()
+
 
 @dataclass(frozen=True)
 class Preprocessing:

@@ -136,6 +136,10 @@ def run_stages(config: Config, world: World | None = None) -> ExitCode:
         maps = run_training(config, layout.splits_dir, layout.maps_dir, world)
         if world is not None:
             world.barrier()
+            if set(stages) - {"labels", "split", "train"}:
+                torch.set_num_threads(config.execution.cpus_alone)
+                log.info("training done; the other processes end here: the next stages run in this one on %d "
+                         "thread(s)", config.execution.cpus_alone)
         if reproduction is not None:
             reproduction.compare(folder, maps)
     if "predict" in stages:
