@@ -83,8 +83,8 @@ def read_filters(path: Path | None) -> dict[str, object]:
     unknown = set(data) - {"t1w"}
     misspelt = sorted(key for key in unknown if key.lower().startswith("t1"))
     if misspelt:  # ignored, it would select every T1w scan: the opposite of what the file asks
-        raise UsageError(f"{path}: no 't1w' query, but {', '.join(repr(k) for k in misspelt)}; the T1w query's key "
-                         "is 't1w' (lower case, as in fMRIPrep); fix the filter file")
+        raise UsageError(f"{path}: {', '.join(repr(k) for k in misspelt)} is not a query this app reads; the T1w "
+                         "query's key is 't1w' (lower case, as in fMRIPrep); fix the filter file")
     if unknown:
         log.warning("%s: only the 't1w' query is used; ignoring %s", path, ", ".join(sorted(unknown)))
     return dict(data.get("t1w", {}))
