@@ -7,13 +7,14 @@ beside the outputs (logs/config-*.toml) and can be given back to --config to rer
 
 from __future__ import annotations
 
-import os
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import tomli_w
+
+from clinicadl_app.core.cpus import allocated_cpus, processes_on_node
 
 Mode = Literal["image", "patch", "roi", "slice"]
 MODES: tuple[str, ...] = typing.get_args(Mode)
@@ -66,17 +67,11 @@ class Execution:
 
     @property
     def cpus(self) -> int:
-        from clinicadl_app.core.cpus import allocated_cpus
-
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)  # torchrun: processes on this node
-        return self.n_cpus or allocated_cpus(local)
+        return self.n_cpus or allocated_cpus(processes_on_node())
 
     @property
     def cpus_alone(self) -> int:
-        """What the main process may use once torchrun's other processes on its node have ended (after training:
-        predict, interpret and report run in the main process only)."""
-        from clinicadl_app.core.cpus import allocated_cpus
-
+        """Once torchrun's other processes on this node have ended (predict, interpret, report)."""
         return self.n_cpus or allocated_cpus()
 
 

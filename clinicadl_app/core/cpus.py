@@ -37,6 +37,11 @@ def _slurm() -> int | None:
     return int(value) if value.isdigit() and int(value) > 0 else None
 
 
+def processes_on_node() -> int:
+    """torchrun's LOCAL_WORLD_SIZE: this node's processes, which share its allocation while they train."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+
+
 def allocated_cpus(processes_on_node: int = 1) -> int:
     """The smallest of affinity, cgroup quota and SLURM_CPUS_PER_TASK, shared among this node's processes
     (torchrun's LOCAL_WORLD_SIZE) unless SLURM already gave each task its own."""
