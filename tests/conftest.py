@@ -88,3 +88,15 @@ def pytest_collection_modifyitems(items):
         return HEAVY_FIRST.index(module) if module in HEAVY_FIRST else len(HEAVY_FIRST)
 
     items.sort(key=rank)  # stable: each module keeps its own order
+
+
+def torchvision_names(state: dict) -> dict:
+    """Our resnet18's tensors under torchvision's names, as in its ImageNet file; fc_out has no counterpart."""
+    from clinicadl_app.group.networks.pretrained import TORCHVISION_NAMES
+
+    renamed = {}
+    for name, value in state.items():
+        for theirs, ours in TORCHVISION_NAMES:
+            if name.startswith(ours):
+                renamed[theirs + name[len(ours):]] = value
+    return renamed

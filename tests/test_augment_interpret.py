@@ -8,8 +8,10 @@ import torch
 from torch import nn
 
 from clinicadl_app.core.config import Train
+from clinicadl_app.core.errors import UsageError
 from clinicadl_app.group import augment
-from clinicadl_app.group.attribution import attribute
+from clinicadl_app.group.attribution import attribute, grad_cam_layer
+from clinicadl_app.group.networks import build_network
 
 
 @pytest.mark.parametrize("names", [("Noise",), ("Erasing",), ("CropPad",), ("Smoothing",), ("Motion", "Ghosting"),
@@ -59,3 +61,18 @@ def test_attribution_methods_point_where_the_model_looks(method):
     assert values.shape == x.shape and (values >= 0).all() and values.sum() > 0
     if method != "grad-cam":  # Grad-CAM weighs whole feature maps: it localises only through the features
         assert values[..., :4, :, :].sum() > values[..., 4:, :, :].sum()
+
+
+def test_grad_cam_layers_are_convolutions_or_residual_stages():
+    """-1 is the last stage's output on a ResNet (what Grad-CAM explains there), not its stem convolution."""
+    conv = build_network("Conv5_FC3", (1, 40, 48, 40), 2)
+    assert grad_cam_layer(conv, -1) is [m for m in conv.convolutions if isinstance(m, nn.Conv3d)][-1]
+    resnet = build_network("resnet18", (3, 64, 56), 2).eval()
+    assert grad_cam_layer(resnet, -1) is resnet.convolutions[7] and grad_cam_layer(resnet, 0) is resnet.convolutions[0]
+    with pytest.raises(UsageError, match="--layer 5: the network has 5 convolution layers or stages"):
+        grad_cam_layer(resnet, 5)
+    with pytest.raises(UsageError, match="grad-cam needs"):
+        grad_cam_layer(nn.Sequential(nn.Flatten(), nn.Linear(8, 2)), -1)
+    image = torch.rand(2, 3, 64, 56)
+    first, again = (attribute(resnet, "grad-cam", image, target=1, layer=-1) for _ in range(2))
+    assert first.shape == image.shape and first.sum() > 0 and torch.equal(first, again)

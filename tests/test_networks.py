@@ -9,9 +9,12 @@ import sys
 import pytest
 import torch
 
-from clinicadl_app.group.networks import ArchitectureError, build_network
+from clinicadl_app.group.networks import ArchitectureError, PretrainedWeightsError, build_network
 from clinicadl_app.group.networks.layers import CropMaxUnpool, PadMaxPool
+from clinicadl_app.group.networks.pretrained import TORCHVISION_NAMES
 from clinicadl_app.group.networks.shapes import output_shape
+
+from .conftest import torchvision_names
 
 
 def test_conv5_fc3_has_clinicadl_layout_at_full_size():
@@ -42,6 +45,39 @@ def test_resnet18_for_slices_and_refusal_on_volumes(tmp_path):
     assert torch.equal(again.state_dict()["convolutions.0.weight"], model.state_dict()["convolutions.0.weight"])
     with pytest.raises(ArchitectureError, match="2D slices"):
         build_network("resnet18", (1, 50, 50, 50), 2)
+
+
+def test_resnet18_starts_from_torchvision_weights_and_sums_them_for_one_channel(tmp_path):
+    source = build_network("resnet18", (3, 64, 56), 5).eval()
+    with torch.no_grad():
+        for value in source.state_dict().values():
+            if value.is_floating_point():
+                value.uniform_(0.5, 1.5)  # no tensor keeps the value a fresh network would draw
+    weights = tmp_path / "resnet18-imagenet.pth"
+    torch.save(torchvision_names(source.state_dict()), weights)
+    rgb = build_network("resnet18", (3, 64, 56), 2, pretrained_weights=weights).eval()
+    theirs, ours = source.state_dict(), rgb.state_dict()
+    loaded = [name for name in ours if any(name.startswith(prefix) for _, prefix in TORCHVISION_NAMES)]
+    assert len(loaded) == len(ours) - 2 and all(torch.equal(ours[name], theirs[name]) for name in loaded)
+    assert not torch.equal(ours["fc.fc_out.bias"], theirs["fc.fc_out.bias"][:2])
+    grey = build_network("resnet18", (1, 64, 56), 2, pretrained_weights=weights).eval()
+    image = torch.rand(2, 1, 64, 56)
+    with torch.no_grad():
+        expected = rgb.convolutions(image.expand(-1, 3, -1, -1))
+        assert torch.allclose(grey.convolutions(image), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_pretrained_weights_refusals(tmp_path):
+    garbage, unrelated = tmp_path / "garbage.pth", tmp_path / "unrelated.pth"
+    garbage.write_bytes(b"not a state dict")
+    torch.save({"encoder.weight": torch.ones(3)}, unrelated)
+    for path, reason in ((tmp_path / "absent.pth", "no such file"), (garbage, "not a torch state dict"),
+                         (unrelated, "no tensor matches")):
+        with pytest.raises(PretrainedWeightsError, match=reason) as refused:
+            build_network("resnet18", (3, 64, 56), 2, pretrained_weights=path)
+        assert str(path) in str(refused.value) and "pretrained_weights" in str(refused.value)
+    with pytest.raises(ArchitectureError, match="resnet18 only.*transfer_path"):
+        build_network("Conv5_FC3", (1, 40, 48, 40), 2, pretrained_weights=unrelated)
 
 
 def test_unknown_and_custom_architectures():

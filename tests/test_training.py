@@ -19,10 +19,12 @@ import pytest
 import torch
 
 from clinicadl_app.core.errors import ExitCode
+from clinicadl_app.core.provenance import sha256
 from clinicadl_app.generate import TRIVIAL_SPLIT, Trivial, generate_trivial
+from clinicadl_app.group.networks import build_network
 from clinicadl_app.layouts.caps import Caps
 
-from .conftest import CAPS2MM, ROOT, run_app
+from .conftest import CAPS2MM, ROOT, run_app, torchvision_names
 
 EXPERIMENT = TRIVIAL_SPLIT + """
 [train]
@@ -299,10 +301,50 @@ def test_bad_input_fails_before_the_first_epoch(trivial4, tmp_path):
     assert metric_name.returncode == ExitCode.USAGE and "selection_metrics Accuracy" in metric_name.stderr
     too_large = group(trivial4, tmp_path / "e", "--mode", "patch", "--patch_size", "60")
     assert too_large.returncode == ExitCode.USAGE and "patch_size" in too_large.stderr
-    for refused in (metric_name, too_large):
+    resnet = ("--mode", "slice", "--architecture", "resnet18")
+    no_file = group(trivial4, tmp_path / "f", *resnet, "--pretrained_weights", str(tmp_path / "absent.pth"))
+    assert no_file.returncode == ExitCode.USAGE and f"{tmp_path / 'absent.pth'}: no such file" in no_file.stderr
+    not_resnet = group(trivial4, tmp_path / "g", "--pretrained_weights", str(tmp_path / "absent.pth"))
+    assert not_resnet.returncode == ExitCode.USAGE and "resnet18 only" in not_resnet.stderr
+    layer = group(trivial4, tmp_path / "h", "--layer", "5", stages=("labels", "split", "train", "interpret"))
+    assert layer.returncode == ExitCode.USAGE and "--layer 5: the network has 5 convolution" in layer.stderr
+    for refused in (metric_name, too_large, no_file, not_resnet, layer):
         errors = [line for line in refused.stderr.splitlines() if "error" in line.lower()]
         assert "Traceback" not in refused.stderr and errors == refused.stderr.splitlines()[-1:], refused.stderr
     assert not list(tmp_path.glob("*/maps/*/split-*"))
+
+
+def test_resnet18_slices_start_from_an_imagenet_file(trivial4, tmp_path):
+    """A ResNet-18 file with torchvision's layer names (its ImageNet download) starts the network: the run says
+    how much it loaded, the MAPS records the file's hash, Grad-CAM explains the last residual stage, and the same
+    name with other content cannot resume into that MAPS."""
+    source = build_network("resnet18", (3, 52, 42), 1000)
+    weights = tmp_path / "resnet18-f37072fd.pth"
+    torch.save(torchvision_names(source.state_dict()), weights)
+    args = ("--mode", "slice", "--architecture", "resnet18", "--pretrained_weights", str(weights), "--split", "0",
+            "--epochs", "1", "--methods", "grad-cam")
+    done = group(trivial4, tmp_path / "out", *args, stages=("labels", "split", "train", "predict", "interpret"))
+    assert done.returncode == 0, done.stderr
+    loaded = len(torchvision_names(source.state_dict()))
+    assert f"pretrained weights: {loaded} of the network's {loaded + 2} tensors from {weights}" in done.stderr
+    maps = maps_of(tmp_path / "out")
+    assert json.loads((maps / "maps.json").read_text())["pretrained_weights_sha256"] == sha256(weights)
+    assert list(maps.glob("split-0/best-loss/test/interpret-grad-cam/group-test_label-*_mean.nii.gz"))
+    torch.save(torchvision_names(build_network("resnet18", (3, 52, 42), 1000).state_dict()), weights)
+    changed = group(trivial4, tmp_path / "out", *args, "--split", "1", stages=("train",))
+    assert changed.returncode == ExitCode.USAGE and "Traceback" not in changed.stderr, changed.stderr
+    assert not (maps / "split-1").exists()
+
+
+def test_patience_stops_after_that_many_evaluations_without_a_large_enough_decrease(trivial4, tmp_path):
+    """No loss falls by 10 in one evaluation, so with --patience 2 training stops at the third evaluation."""
+    done = group(trivial4, tmp_path, "--split", "0", "--epochs", "6", "--patience", "2", "--tolerance", "10")
+    assert done.returncode == 0, done.stderr
+    log = pd.read_csv(maps_of(tmp_path) / "split-0" / "training_logs" / "training.tsv", sep="\t")
+    assert list(log.epoch) == [0, 1, 2]
+    lines = done.stderr.splitlines()
+    stop = next(i for i, line in enumerate(lines) if "split-0: early stop at epoch 2" in line)
+    assert "split-0 epoch 2 step" in lines[stop - 1], "the evaluation that stops training is logged before the stop"
 
 
 def test_missing_images_and_corrupt_tensors(trivial4, tmp_path):

@@ -300,7 +300,7 @@ class Interpret:
         ("gradients", "grad-cam"), "attribution methods (captum)", metavar="METHOD")
     target: Literal["true", "predicted"] = option("true", "class explained: the true label (when known) or the "
                                                   "predicted one")
-    layer: int = option(-1, "Grad-CAM: which convolution block (0 first, -1 last)")
+    layer: int = option(-1, "Grad-CAM: which convolution (resnet18: stage) of the network, 0 first, -1 last")
     save_individual: bool = option(False, "also write one map per image")
 
     def __post_init__(self) -> None:

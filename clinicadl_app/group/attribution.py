@@ -22,12 +22,19 @@ RECONSTRUCTION = "reconstruction"
 """Not a method users pick: the stitched output of an autoencoder, for the report's example figure."""
 
 
-def _conv_layer(model: nn.Module, block: int) -> nn.Module:
-    convolutions = [m for m in model.convolutions if isinstance(m, nn.Conv3d | nn.Conv2d)]
+def grad_cam_layer(model: nn.Module, index: int) -> nn.Module:
+    """The feature extractor's convolutions, or a ResNet's residual stages (whose output is what Grad-CAM
+    explains there, not the convolution inside), numbered 0 first, -1 last."""
+    extractor = getattr(model, "convolutions", None)
+    if not isinstance(extractor, nn.Sequential):
+        raise UsageError(f"grad-cam needs a network whose feature extractor is .convolutions, as ClinicaDL's; "
+                         f"{type(model).__name__} has none: use the other --methods")
+    layers = [m for m in extractor if any(isinstance(c, nn.Conv3d | nn.Conv2d) for c in m.modules())]
     try:
-        return convolutions[block]
+        return layers[index]
     except IndexError:
-        raise UsageError(f"--layer {block}: the network has {len(convolutions)} convolution blocks") from None
+        raise UsageError(f"--layer {index}: the network has {len(layers)} convolution layers or stages; use 0 to "
+                         f"{len(layers) - 1}, or -1 for the last") from None
 
 
 def attribute(model: nn.Module, method: str, inputs: torch.Tensor, target: torch.Tensor | int | None,
@@ -43,7 +50,7 @@ def attribute(model: nn.Module, method: str, inputs: torch.Tensor, target: torch
     if method == "gradients":
         return attr.Saliency(model).attribute(inputs, target=target, abs=True).detach()
     if method == "grad-cam":
-        grad_cam = attr.LayerGradCam(model, _conv_layer(model, layer))
+        grad_cam = attr.LayerGradCam(model, grad_cam_layer(model, layer))
         cam = grad_cam.attribute(inputs, target=target, relu_attributions=True)
         mode = "trilinear" if inputs.dim() == 5 else "bilinear"
         up = attr.LayerAttribution.interpolate(cam.detach(), tuple(inputs.shape[2:]), interpolate_mode=mode)

@@ -25,7 +25,9 @@ from clinicadl_app.core.atomic import lock, write_json, write_text, write_tsv
 from clinicadl_app.core.config import Config, Train, plain
 from clinicadl_app.core.distributed import World
 from clinicadl_app.core.errors import UsageError
+from clinicadl_app.core.provenance import sha256
 from clinicadl_app.group import augment
+from clinicadl_app.group.attribution import grad_cam_layer
 from clinicadl_app.group.data import ImageStore, PartDataset, image_paths, part_spec
 from clinicadl_app.group.evaluation import Evaluator
 from clinicadl_app.group.experiment import (
@@ -169,8 +171,12 @@ def maps_record(config: Config, folder: SplitFolder, data: FoldData, caps: Caps,
                 world: World | None = None) -> dict:
     settings = config.train
     in_shape = input_shape(data)
-    build_model(settings, in_shape, data.task, pretrained=True)  # an architecture that does not fit fails now
+    model = build_model(settings, in_shape, data.task, pretrained=True)  # a misfit architecture fails now
+    if "interpret" in config.execution.stages and "grad-cam" in config.interpret.methods \
+            and data.task.name != "reconstruction":
+        grad_cam_layer(model, config.interpret.layer)  # and a Grad-CAM layer it lacks, before any epoch
     train = plain(settings)
+    weights = settings.pretrained_weights
     return {
         "clinicadl_app_version": __version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -186,6 +192,7 @@ def maps_record(config: Config, folder: SplitFolder, data: FoldData, caps: Caps,
         "selection_metrics": list(selection_metrics(config, data.task)),
         "seed": settings.seed,
         "train": train,
+        "pretrained_weights_sha256": sha256(weights) if weights else None,
         "labels": plain(config.labels),
         "split": json.loads(folder.record.read_text()),
         "split_membership_sha256": folder.recorded_membership_sha256(),
@@ -205,7 +212,7 @@ def maps_record(config: Config, folder: SplitFolder, data: FoldData, caps: Caps,
 
 def _comparable(record: dict) -> dict:
     train = {k: v for k, v in record["train"].items() if k not in EXECUTION_ONLY}
-    keep = ("task", "label", "label_code", "input_size", "mode", "labels", "extraction")
+    keep = ("task", "label", "label_code", "input_size", "mode", "labels", "extraction", "pretrained_weights_sha256")
     return {"train": train, "split": record["split"].get("labels_sha256"), **{k: record.get(k) for k in keep}}
 
 

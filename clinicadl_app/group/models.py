@@ -15,7 +15,7 @@ import torch
 from clinicadl_app import __version__
 from clinicadl_app.core.config import Train
 from clinicadl_app.core.errors import InputDataError, MissingInputError, UsageError
-from clinicadl_app.group.networks import ArchitectureError, RandomSpec, build_network
+from clinicadl_app.group.networks import ArchitectureError, PretrainedWeightsError, RandomSpec, build_network
 from clinicadl_app.group.runtime import Device
 from clinicadl_app.group.tasks import Classification, Reconstruction, Regression, Task
 from clinicadl_app.layouts.maps import Maps
@@ -35,6 +35,8 @@ def build_model(settings: Train, in_shape: tuple[int, ...], task: Task, pretrain
                              autoencoder=task.name == "reconstruction",
                              pretrained_weights=settings.pretrained_weights if pretrained else None,
                              random=random_spec(settings))
+    except PretrainedWeightsError as error:
+        raise UsageError(str(error)) from None
     except ArchitectureError as error:
         raise UsageError(f"[train] architecture: {error}") from None
 

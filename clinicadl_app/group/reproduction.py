@@ -27,6 +27,7 @@ from clinicadl_app.core.atomic import write_json, write_text
 from clinicadl_app.core.config import Config, Labels, plain
 from clinicadl_app.core.config_file import section_from
 from clinicadl_app.core.errors import ReproductionError
+from clinicadl_app.core.provenance import sha256
 from clinicadl_app.group.archive import archived_record
 from clinicadl_app.group.fit import EXECUTION_ONLY
 from clinicadl_app.group.model_card import markdown_table
@@ -75,6 +76,10 @@ class Reproduction:
             for key in sorted(set(ours) | set(theirs)):
                 if (section, key) not in _RENAMED | _EXECUTION_ONLY and ours.get(key) != theirs.get(key):
                     found.append(f"[{section}] {key} = {ours.get(key)!r} (recorded {theirs.get(key)!r})")
+        weights, recorded = config.train.pretrained_weights, self.record.get("pretrained_weights_sha256")
+        if weights is not None and recorded and weights.is_file() and sha256(weights) != recorded:
+            found.append(f"[train] pretrained_weights {weights}: other content than the recorded file's "
+                         f"(SHA-256 {recorded[:16]}...)")
         return found
 
     def environment_differences(self) -> list[str]:

@@ -281,6 +281,10 @@ class Trainer:
                 self.state.best[metric] = value
                 self.state.best_epoch[metric] = epoch
                 self.save_model(metric)
+        log.info("split-%d%s epoch %d step %d: loss %.4f, validation %s (%.2f inputs/s, %.0f%% waiting for data)",
+                 self.fold, self._network_name, epoch, self.state.step, train_loss,
+                 ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if k in self.selection or k == "loss"),
+                 speed, 100 * wait_share)
         previous = self.state.patience_loss
         if previous is None or result.loss < previous - settings.tolerance:
             self.state.patience_loss = result.loss
@@ -288,13 +292,10 @@ class Trainer:
         else:
             self.state.stale += 1
             if settings.patience and self.state.stale >= settings.patience:
-                log.info("split-%d%s: early stop at epoch %d (no loss improvement in %d evaluations)",
-                         self.fold, self._network_name, epoch, self.state.stale)
+                log.info("split-%d%s: early stop at epoch %d step %d (no validation loss decrease over %g in %d "
+                         "evaluation(s))", self.fold, self._network_name, epoch, self.state.step, settings.tolerance,
+                         self.state.stale)
                 self.state.stopped = True
-        log.info("split-%d%s epoch %d step %d: loss %.4f, validation %s (%.2f inputs/s, %.0f%% waiting for data)",
-                 self.fold, self._network_name, epoch, self.state.step, train_loss,
-                 ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if k in self.selection or k == "loss"),
-                 speed, 100 * wait_share)
         if self.report:
             self.report(result.metrics)
 

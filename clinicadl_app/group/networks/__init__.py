@@ -18,6 +18,7 @@ from torch import nn
 
 from .autoencoder import AutoEncoder
 from .cnn import CNN, conv4_fc3, conv5_fc3, output_shape, stride_conv5_fc3
+from .pretrained import PretrainedWeightsError
 from .random import RandomSpec, random_cnn
 from .resnet import resnet18
 
@@ -39,6 +40,9 @@ def build_network(architecture: str, in_shape: tuple[int, ...], output_size: int
                   random: RandomSpec | None = None) -> nn.Module:
     """`random`: the description of the "random" architecture (ClinicaDL's random-search family)."""
     factory = _factory(architecture)
+    if pretrained_weights is not None and factory is not resnet18:
+        raise ArchitectureError(f"pretrained_weights start resnet18 only, not {architecture}; to start from a "
+                                "trained MAPS use --transfer_path, whose source is checked against the test set")
     kwargs: dict = {"pretrained_weights": pretrained_weights} if factory is resnet18 else {}
     if factory is random_cnn:
         kwargs["spec"] = random or RandomSpec()
@@ -49,7 +53,7 @@ def build_network(architecture: str, in_shape: tuple[int, ...], output_size: int
                 raise ArchitectureError(f"{architecture} has no .convolutions: it cannot become an autoencoder")
             model = AutoEncoder(model)
         out = output_shape(model, tuple(in_shape))
-    except ArchitectureError:
+    except (ArchitectureError, PretrainedWeightsError):
         raise
     except (RuntimeError, ValueError) as error:
         raise ArchitectureError(f"{architecture} does not fit inputs of shape {tuple(in_shape)}: {error}") from None
@@ -73,4 +77,5 @@ def _factory(architecture: str) -> Callable[..., nn.Module]:
     )
 
 
-__all__ = ["ARCHITECTURES", "ArchitectureError", "AutoEncoder", "CNN", "RandomSpec", "build_network"]
+__all__ = ["ARCHITECTURES", "ArchitectureError", "AutoEncoder", "CNN", "PretrainedWeightsError", "RandomSpec",
+           "build_network"]

@@ -1,7 +1,7 @@
 """ResNet-18 for 2D slices, as ClinicaDL wraps it (convolutions -> fc 1000 -> dropout -> out).
 
 ClinicaDL downloads ImageNet weights at run time; here the network starts from random weights, or from a
-state dict the user provides (`pretrained_weights`), loaded with weights_only=True.
+file the user provides (`pretrained_weights`, pretrained.py).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .cnn import CNN, output_shape
+from .pretrained import load_pretrained
 
 
 class BasicBlock(nn.Module):
@@ -60,12 +61,4 @@ def resnet18(in_shape: tuple[int, ...], output_size: int, dropout: float = 0.5,
     fc.add_module("drop_out", nn.Dropout(p=dropout))
     fc.add_module("fc_out", nn.Linear(1000, output_size))
     model = CNN(convolutions, fc, in_shape)
-    if pretrained_weights is not None:
-        state = torch.load(pretrained_weights, map_location="cpu", weights_only=True)
-        state = state.get("model", state)
-        own = model.state_dict()
-        usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-        if not usable:
-            raise ValueError(f"{pretrained_weights}: no weight matches resnet18's layers")
-        model.load_state_dict(usable, strict=False)
-    return model
+    return model if pretrained_weights is None else load_pretrained(model, pretrained_weights)
