@@ -210,6 +210,35 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)["model"]
 
 
+def test_accumulated_batches_train_as_one_batch_and_workers_load_the_same_inputs(trivial4, tmp_path):
+    """A batch of 4 equals two accumulated batches of 2 (a network without BatchNorm or dropout, the epoch's last
+    short group included) and evaluating after every update leaves training unchanged; data loading processes
+    give bit-identical weights, augmentation included. Also checks the random architecture's widths."""
+    args = ["--split", "0", "--epochs", "1", "--deterministic", "--architecture", "random", "--n_convblocks", "2",
+            "--first_conv_width", "6", "--channels_limit", "8", "--network_normalization", "InstanceNorm",
+            "--dropout", "0", "--learning_rate", "1e-3", "--data_augmentation", "Noise", "Flip"]
+    runs = {"batch": [], "accumulated": ["--batch_size", "2", "--accumulation_steps", "2", "--evaluation_steps", "1"],
+            "workers": ["--num_workers", "2"]}
+    logs = {}
+    for name, extra in runs.items():
+        done = group(trivial4, tmp_path / name, *args, *extra)
+        assert done.returncode == 0, done.stderr
+        logs[name] = pd.read_csv(maps_of(tmp_path / name) / "split-0" / "training_logs" / "training.tsv", sep="\t")
+    n_train = len(pd.read_csv(next((tmp_path / "batch").glob("splits/*/split-0/train.tsv")), sep="\t"))
+    assert n_train % 4, "the last group must be short for this test"
+    updates = math.ceil(n_train / 4)
+    assert list(logs["batch"].step) == [updates] and list(logs["accumulated"].step) == list(range(1, updates + 1))
+    assert logs["accumulated"].loss_validation.iloc[-1] == pytest.approx(logs["batch"].loss_validation.iloc[0],
+                                                                         rel=1e-5, abs=1e-7)
+    assert logs["accumulated"].loss_validation.iloc[0] != pytest.approx(logs["batch"].loss_validation.iloc[0],
+                                                                         rel=1e-5, abs=1e-7)
+    batch, workers = (_weights(maps_of(tmp_path / name) / "split-0" / "best-loss" / "model.pth.tar")
+                      for name in ("batch", "workers"))
+    assert all(torch.equal(batch[key], workers[key]) for key in batch)
+    widths = [value.shape[0] for key, value in batch.items() if key.startswith("convolutions") and value.dim() == 5]
+    assert widths == [6, 8]
+
+
 def test_deterministic_runs_and_kill_resume_give_identical_weights(trivial4, tmp_path):
     """A run, and another one killed after its first checkpoint then resumed, end with equal weights and logs:
     runs are deterministic and resuming changes nothing."""

@@ -193,7 +193,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             losses, seen, wait, busy = [], 0, 0.0, 0.0
             batches = loader(train, settings.batch_size, settings, self.device, epoch=epoch, world=self.world)
-            n_batches = len(batches)
+            n_batches, per_batch, n_inputs = len(batches), batches.batch_size or 1, len(batches.sampler)
+            group = settings.accumulation_steps * per_batch
             tick = time.perf_counter()
             for index, batch in enumerate(batches):
                 ready = time.perf_counter()
@@ -207,7 +208,9 @@ class Trainer:
                         out = self.trainable(inputs)
                     loss = self.criterion(out.float(), target.float() if isinstance(self.task, Reconstruction)
                                           else target)
-                    scaled = loss / settings.accumulation_steps
+                    # each input weighs as in one batch of the whole group, the epoch's last shorter group too
+                    in_group = min(group, n_inputs - index // settings.accumulation_steps * group)
+                    scaled = loss * (len(inputs) / in_group) if settings.accumulation_steps > 1 else loss
                     (self.scaler.scale(scaled) if self.scaler else scaled).backward()
                 if stepping:
                     self.step()
