@@ -39,7 +39,7 @@ MODES = {
     "roi": (3, ["--mode", "roi", "--roi_list", "leftHemisphere", "rightHemisphere", "--roi_uncrop_output",
                 "--multi_network"]),
     "slice": (4, ["--mode", "slice", "--slice_direction", "2", "--discarded_slices", "25",
-                  "--architecture", "Conv4_FC3"]),
+                  "--architecture", "Conv4_FC3", "--save_individual"]),
 }
 
 
@@ -87,6 +87,16 @@ def test_default_run_interprets_parts_in_mni_space(mode, trivial, tmp_path):
         if mode != "roi":
             assert sidecar["covered_fraction"] < 1 and sidecar["uncovered_voxels"].startswith("0")
         ratios[label] = _left_right(path)
+        test = pd.read_csv(maps / "groups" / "test" / "data.tsv", sep="\t")
+        own = [folder / f"{p}_{s}_mode-{mode}_desc-gradients_map.nii.gz"
+               for p, s in zip(test.participant_id, test.session_id, strict=True)
+               if test.set_index(["participant_id", "session_id"]).loc[(p, s), "diagnosis"] == label]
+        if mode == "slice":  # --save_individual: one map per image, and the group's mean is their mean
+            assert own and all(f.is_file() for f in own)
+            mean = np.mean([np.asanyarray(nib.load(str(f)).dataobj) for f in own], axis=0)
+            assert np.allclose(mean, np.asanyarray(image.dataobj), rtol=1e-5, atol=1e-6 * mean.max())
+        else:
+            assert not list(folder.glob("sub-*_map.nii.gz")), "individual maps only with --save_individual"
     # AD images differ on the left, CN images on the right: the AD map leans further left than the CN map. The
     # ratio of the two ratios cancels what both classes share (how one trained network, or each hemisphere's
     # own network in roi mode, weighs the hemispheres overall), which moves both maps' lean with the training's
