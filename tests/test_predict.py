@@ -192,6 +192,34 @@ def test_training_image_copied_under_a_new_name_is_refused(full_run, tmp_path):
     assert "same scan" in refused.stderr and seen in refused.stderr and "sub-RENAMED" in refused.stderr
 
 
+def test_near_duplicate_sets_how_alike_a_scan_must_be_to_count_as_seen(full_run, brains, tmp_path):
+    """A training image blended 4:1 with an unseen brain: the same scan by default (r >= 0.9), a new one with a
+    threshold above its correlation, which the group's record keeps."""
+    root, maps = full_run
+    seen = pd.read_csv(maps / "groups" / "train+validation.tsv", sep="\t").participant_id.iloc[0]
+    (source,) = (root / "data" / "caps" / "subjects" / seen / "ses-M000" / "t1_linear").glob("*.nii.gz")
+    unseen = next((_new_dataset(tmp_path / "other", brains[1], "OTHER") / "caps" / "subjects").glob(
+        "*/ses-M000/t1_linear/*.nii.gz"))
+    image = nib.load(str(source))
+    blend = 0.8 * image.get_fdata() + 0.2 * nib.load(str(unseen)).get_fdata()
+    target = tmp_path / "data" / "caps" / "subjects" / "sub-BLEND" / "ses-M000" / "t1_linear"
+    target.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(blend.astype(np.float32), image.affine), target / source.name.replace(seen, "sub-BLEND"))
+    (tmp_path / "data" / "bids").mkdir()
+    (tmp_path / "data" / "bids" / "participants.tsv").write_text("participant_id\tdiagnosis\nsub-BLEND\tAD\n")
+    refused = predict(tmp_path / "data", tmp_path / "out", maps, "blend")
+    assert refused.returncode == ExitCode.LEAKAGE and f"sub-BLEND ses-M000 = {seen} ses-M000" in refused.stderr
+    r = float(refused.stderr.split("(r ")[1].split(")")[0])
+    assert 0.9 <= r < 0.995
+    threshold = f"{r + 0.004:.3f}"
+    accepted = predict(tmp_path / "data", tmp_path / "out", maps, "blend", "--near_duplicate", threshold)
+    assert accepted.returncode == 0, accepted.stderr
+    record = json.loads((maps / "groups" / "blend" / "maps.json").read_text())
+    assert record["content_check"] == "passed" and record["predict"]["near_duplicate"] == float(threshold)
+    below = predict(tmp_path / "data", tmp_path / "out", maps, "blend2", "--near_duplicate", f"{r - 0.004:.3f}")
+    assert below.returncode == ExitCode.LEAKAGE
+
+
 def test_unlabelled_dataset_gets_predictions_without_metrics(full_run, brains, tmp_path):
     _, maps = full_run
     data = _new_dataset(tmp_path, brains[1], "ANON")
@@ -284,6 +312,19 @@ def test_exported_archive_predicts_elsewhere_and_still_refuses_a_renamed_trainin
     assert refused.returncode == ExitCode.LEAKAGE, refused.stderr
     assert "same scan" in refused.stderr and "sub-RENAMED" in refused.stderr
     assert seen.participant_id.iloc[0] not in refused.stderr
+
+    # --include_participants: the archive names the training participants, so a leak is reported by name
+    named = run_app(root / "data" / "bids", tmp_path / "named", "group", "--stages", "export", "--maps_dir", maps,
+                    "--include_participants")
+    assert named.returncode == 0, named.stderr
+    with tarfile.open(tmp_path / "named" / "exports" / f"{maps.name}.tar.gz") as tar:
+        seen_file = next(n for n in tar.getnames() if n.endswith("train+validation.tsv"))
+        listed = pd.read_csv(tar.extractfile(seen_file), sep="\t", dtype=str)
+        exported = json.loads(tar.extractfile(f"{maps.name}/maps.json").read())["exported"]
+    assert set(listed.participant_id) == set(seen.participant_id) and exported["participants"] == "included"
+    refused_by_name = predict(renamed, tmp_path / "fourth", tmp_path / "named" / "exports" / f"{maps.name}.tar.gz",
+                              "renamed")
+    assert refused_by_name.returncode == ExitCode.LEAKAGE and seen.participant_id.iloc[0] in refused_by_name.stderr
 
     # an edited archive: one line, nothing unpacked
     edited = tmp_path / "edited.tar.gz"
