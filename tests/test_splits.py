@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,27 @@ def test_same_seed_gives_byte_identical_files(dataset, split_dir, tmp_path):
     again = tmp_path / "splits" / split_dir.name
     for path in split_dir.rglob("*.tsv"):
         assert (again / path.relative_to(split_dir)).read_bytes() == path.read_bytes(), path.name
+
+
+def test_age_and_sex_columns_of_other_names_balance_the_same_split(dataset, split_dir, tmp_path):
+    """The same table with its age and sex columns renamed gives the same files with --age_column and
+    --sex_column, and no balancing on them without."""
+    bids, caps, config = dataset
+    renamed = tmp_path / "bids"
+    shutil.copytree(bids, renamed, symlinks=True)
+    table = read(bids / "participants.tsv").rename(columns={"age": "AgeYears", "sex": "Gender"})
+    table.to_csv(renamed / "participants.tsv", sep="\t", index=False)
+    named = run_app(renamed, tmp_path / "named", "group", "--caps_dir", caps, "--config", config, "--stages",
+                    "labels", "split", "--age_column", "AgeYears", "--sex_column", "Gender")
+    assert named.returncode == 0, named.stderr
+    again = tmp_path / "named" / "splits" / split_dir.name
+    for path in split_dir.rglob("*.tsv"):
+        assert (again / path.relative_to(split_dir)).read_bytes() == path.read_bytes(), path.name
+    unnamed = run_app(renamed, tmp_path / "unnamed", "group", "--caps_dir", caps, "--config", config, "--stages",
+                      "labels", "split")
+    assert unnamed.returncode == 0, unnamed.stderr
+    labels = read(tmp_path / "unnamed" / "splits" / split_dir.name / "labels.tsv")
+    assert "age" not in labels.columns and "sex" not in labels.columns
 
 
 def test_baseline_sets_hold_each_participants_first_session(dataset, tmp_path):

@@ -304,6 +304,15 @@ def test_transfer_learning(trivial4, tmp_path):
     assert cnn.returncode == 0, cnn.stderr
     copied = int(cnn.stderr.split("transfer: ")[1].split()[0])
     assert copied == len(_weights(source_out / "maps" / "cnn_to_cnn" / "split-0" / "best-loss" / "model.pth.tar"))
+    source_model = source_out / "maps" / "from_ae" / "split-0"
+    assert f"from {source_model / 'best-loss' / 'model.pth.tar'}" in cnn.stderr
+    by_ba = run_app(trivial4 / "bids", source_out, *common, "--experiment", "cnn_from_ba",
+                    "--transfer_selection_metric", "BA")
+    assert by_ba.returncode == 0 and f"from {source_model / 'best-BA' / 'model.pth.tar'}" in by_ba.stderr, by_ba.stderr
+    no_such = run_app(trivial4 / "bids", source_out, *common, "--experiment", "cnn_from_f1",
+                      "--transfer_selection_metric", "F1_score")
+    assert no_such.returncode == ExitCode.MISSING_INPUT and "transfer_selection_metric" in no_such.stderr
+    assert "Traceback" not in no_such.stderr and not (source_out / "maps" / "cnn_from_f1" / "maps.json").exists()
     # another label (no test set, so nothing leaks): the classes differ -> refused before training
     sex = run_app(trivial4 / "bids", tmp_path / "sex", *common[:5], "--stages", "labels", "split", "train",
                   *common[7:], "--column", "sex", "--values", "F", "M", "--n_test", "0")

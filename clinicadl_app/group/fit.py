@@ -95,6 +95,8 @@ def train_maps(config: Config, folder: SplitFolder, maps: Maps,
     record = maps_record(config, folder, prepared[0], caps, maps, world)
     if transfer:
         transfer.check_compatible(record)
+        for data in prepared:
+            transfer.model_path(data.fold, None)
         test = read(folder.set_file("test"))
         transfer.check_leakage(caps, config.bids_dir, test, {data.fold: data.validation for data in prepared})
     if world.main:

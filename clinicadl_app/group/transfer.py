@@ -95,14 +95,20 @@ class Transfer:
             raise UsageError(f"{self.source.record}: input size {self.record.get('input_size')} differs from ours "
                              f"{ours['input_size']}; use a source trained on the same mode and extraction")
 
-    def initialise(self, model: nn.Module, fold: int, network: int | None) -> None:
+    def model_path(self, fold: int, network: int | None) -> Path:
+        """The source model that starts our `fold` (and part network); checked for every fold before any
+        record is written, so a wrong metric leaves nothing to clean up."""
         source_fold = self.source_fold(fold)
         networks = self.source.networks(source_fold, self.metric)
-        source_network = network if network in networks else networks[0]
-        path = self.source.model(source_fold, self.metric, source_network)
+        path = self.source.model(source_fold, self.metric, network if network in networks else networks[0])
         if not path.exists():
-            raise MissingInputError(f"{path}: no such model in the transfer source; "
-                                    "check [train] transfer_selection_metric")
+            raise MissingInputError(f"{path}: no such model in the transfer source (its selection metrics: "
+                                    f"{', '.join(self.source.selection_metrics(source_fold))}); check [train] "
+                                    "transfer_selection_metric")
+        return path
+
+    def initialise(self, model: nn.Module, fold: int, network: int | None) -> None:
+        path = self.model_path(fold, network)
         state = torch.load(path, map_location="cpu", weights_only=True)["model"]
         copied = load_matching(model, state)
         log.info("transfer: %d tensors from %s", copied, path)
