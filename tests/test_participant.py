@@ -246,3 +246,25 @@ def test_a_registration_that_fails_qc_is_retried_reported_and_left_out_of_labels
                    "--name", "kept")
     assert kept.returncode == 0, kept.stderr
     assert list(pd.read_csv(out / "splits" / "kept" / "labels.tsv", sep="\t").participant_id) == ["sub-01"]
+
+
+def test_tensors_from_the_uncropped_image_and_a_user_mask(run_two_jobs, sessions_bids, tmp_path):
+    """--use_uncropped_image cuts tensors out of the 193x229x193 image; a --roi_masks file is a region of its
+    own, whose tensor is exactly the image inside the mask's box."""
+    out, _ = run_two_jobs
+    caps = Caps(out / "caps")
+    grid = nib.load(str(templates.path(templates.MNI_T1)))
+    cube = np.zeros(grid.shape, np.uint8)
+    cube[60:100, 80:120, 60:90] = 1
+    mask = tmp_path / "tpl-MNI152NLin2009cSym_res-1x1x1_roi-cube_mask.nii.gz"
+    nib.save(nib.Nifti1Image(cube, grid.affine), mask)
+    done = run_app(sessions_bids, out, "participant", "--participant_label", "02", "--modes", "image", "roi",
+                   "--uncropped_image", "--use_uncropped_image", "--roi_masks", mask, "--roi_list", "cube",
+                   "--skip_bids_validator")
+    assert done.returncode == 0, done.stderr
+    image = CapsImage("sub-02", "ses-M000", "sub-02_ses-M000")
+    uncropped = torch.from_numpy(nib.load(str(caps.t1_linear(image, cropped=False))).get_fdata(dtype=np.float32))
+    whole = torch.load(caps.image_tensor(image, cropped=False), weights_only=True)
+    assert whole.shape == (1, 193, 229, 193) and torch.equal(whole[0], uncropped)
+    region = torch.load(caps.roi_tensor(image, "cube", cropped=False), weights_only=True)
+    assert region.shape == (1, 40, 40, 30) and torch.equal(region[0], uncropped[60:100, 80:120, 60:90])
