@@ -372,6 +372,10 @@ def test_resnet18_slices_start_from_an_imagenet_file(trivial4, tmp_path):
     changed = group(trivial4, tmp_path / "out", *args, "--split", "1", stages=("train",))
     assert changed.returncode == ExitCode.USAGE and "Traceback" not in changed.stderr, changed.stderr
     assert not (maps / "split-1").exists()
+    reproduce = run_app(trivial4 / "bids", tmp_path / "again", "group", "--caps_dir", trivial4 / "caps",
+                        "--reproduce", maps, "--stages", "labels", "split")
+    assert reproduce.returncode == 0, reproduce.stderr
+    assert f"pretrained_weights {weights}: other content than the recorded file's" in reproduce.stderr
 
 
 def test_patience_stops_after_that_many_evaluations_without_a_large_enough_decrease(trivial4, tmp_path):
