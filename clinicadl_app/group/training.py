@@ -210,7 +210,7 @@ class Trainer:
                                           else target)
                     # each input weighs as in one batch of the whole group, the epoch's last shorter group too
                     in_group = min(group, n_inputs - index // settings.accumulation_steps * group)
-                    scaled = loss * (len(inputs) / in_group) if settings.accumulation_steps > 1 else loss
+                    scaled = loss * (len(inputs) / in_group)
                     (self.scaler.scale(scaled) if self.scaler else scaled).backward()
                 if stepping:
                     self.step()
