@@ -258,11 +258,14 @@ def test_tensors_from_the_uncropped_image_and_a_user_mask(run_two_jobs, sessions
     cube[60:100, 80:120, 60:90] = 1
     mask = tmp_path / "tpl-MNI152NLin2009cSym_res-1x1x1_roi-cube_mask.nii.gz"
     nib.save(nib.Nifti1Image(cube, grid.affine), mask)
-    done = run_app(sessions_bids, out, "participant", "--participant_label", "02", "--modes", "image", "roi",
+    registered = caps.t1_linear(CapsImage("sub-01", "ses-M012", "sub-01_ses-M012"), cropped=False).stat().st_mtime_ns
+    done = run_app(sessions_bids, out, "participant", "--participant_label", "01", "--session_label", "M012",
+                   "--modes", "image", "roi",
                    "--uncropped_image", "--use_uncropped_image", "--roi_masks", mask, "--roi_list", "cube",
                    "--skip_bids_validator")
     assert done.returncode == 0, done.stderr
-    image = CapsImage("sub-02", "ses-M000", "sub-02_ses-M000")
+    image = CapsImage("sub-01", "ses-M012", "sub-01_ses-M012")
+    assert caps.t1_linear(image, cropped=False).stat().st_mtime_ns == registered, "tensors only, no registration"
     uncropped = torch.from_numpy(nib.load(str(caps.t1_linear(image, cropped=False))).get_fdata(dtype=np.float32))
     whole = torch.load(caps.image_tensor(image, cropped=False), weights_only=True)
     assert whole.shape == (1, 193, 229, 193) and torch.equal(whole[0], uncropped)
