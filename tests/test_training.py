@@ -371,6 +371,7 @@ def test_resnet18_slices_start_from_an_imagenet_file(trivial4, tmp_path):
     torch.save(torchvision_names(build_network("resnet18", (3, 52, 42), 1000).state_dict()), weights)
     changed = group(trivial4, tmp_path / "out", *args, "--split", "1", stages=("train",))
     assert changed.returncode == ExitCode.USAGE and "Traceback" not in changed.stderr, changed.stderr
+    assert "other settings or data (pretrained_weights_sha256 '" in changed.stderr, "the refusal says what changed"
     assert not (maps / "split-1").exists()
     reproduce = run_app(trivial4 / "bids", tmp_path / "again", "group", "--caps_dir", trivial4 / "caps",
                         "--reproduce", maps, "--stages", "labels", "split")

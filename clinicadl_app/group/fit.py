@@ -218,6 +218,24 @@ def _comparable(record: dict) -> dict:
     return {"train": train, "split": record["split"].get("labels_sha256"), **{k: record.get(k) for k in keep}}
 
 
+def _differences(previous: dict, record: dict, shown: int = 4) -> list[str]:
+    """What binds a MAPS and changed, as "[section] key old -> new", so the refusal says what to undo."""
+    def short(value: object) -> str:
+        text = repr(value)
+        return text if len(text) <= 24 else text[:20] + "...'"
+
+    before, now = _comparable(previous), _comparable(record)
+    found = []
+    for key in sorted(set(before) | set(now)):
+        old, new = before.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            found += [f"[{key}] {name} {short(old.get(name))} -> {short(new.get(name))}"
+                      for name in sorted(set(old) | set(new)) if old.get(name) != new.get(name)]
+        elif old != new:
+            found.append(f"{key} {short(old)} -> {short(new)}")
+    return found[:shown] + ([f"{len(found) - shown} more"] if len(found) > shown else [])
+
+
 def _write_maps_record(maps: Maps, record: dict, overwrite: bool) -> None:
     """A MAPS is bound to its settings and to the exact membership of the split it was trained on: training
     into it from another draw is refused (its models saw subjects the new draw may hold out), and
@@ -228,9 +246,10 @@ def _write_maps_record(maps: Maps, record: dict, overwrite: bool) -> None:
             redrawn = previous.get("split_membership_sha256") != record["split_membership_sha256"]
             if redrawn or _comparable(previous) != _comparable(record):
                 if not overwrite:
+                    changed = "; ".join(_differences(previous, record))
                     why = ("was trained on another draw of the split (its sets' membership differs); its models saw "
                            "subjects the new draw may put in the test set" if redrawn
-                           else "was trained with other settings or data")
+                           else f"was trained with other settings or data ({changed})")
                     raise UsageError(f"{maps.root}: this MAPS {why}. Choose another [train] experiment name, or "
                                      "--overwrite to remove its models and train again")
                 log.warning("%s: removing the MAPS trained on other settings or another split (--overwrite)",
