@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import platform
+from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -28,3 +29,8 @@ def sha256(path: Path, chunk: int = 1 << 20) -> str:
         while block := stream.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def differing_keys(before: Mapping, after: Mapping) -> list:
+    """The keys whose values differ between two records (a key missing on one side counts as None), sorted."""
+    return sorted(key for key in set(before) | set(after) if before.get(key) != after.get(key))

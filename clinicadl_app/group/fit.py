@@ -25,7 +25,7 @@ from clinicadl_app.core.atomic import lock, write_json, write_text, write_tsv
 from clinicadl_app.core.config import Config, Train, plain
 from clinicadl_app.core.distributed import World
 from clinicadl_app.core.errors import UsageError
-from clinicadl_app.core.provenance import sha256
+from clinicadl_app.core.provenance import differing_keys, sha256
 from clinicadl_app.group import augment
 from clinicadl_app.group.attribution import grad_cam_layer
 from clinicadl_app.group.data import ImageStore, PartDataset, image_paths, part_spec
@@ -226,12 +226,12 @@ def _differences(previous: dict, record: dict, shown: int = 4) -> list[str]:
 
     before, now = _comparable(previous), _comparable(record)
     found = []
-    for key in sorted(set(before) | set(now)):
+    for key in differing_keys(before, now):
         old, new = before.get(key), now.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
             found += [f"[{key}] {name} {short(old.get(name))} -> {short(new.get(name))}"
-                      for name in sorted(set(old) | set(new)) if old.get(name) != new.get(name)]
-        elif old != new:
+                      for name in differing_keys(old, new)]
+        else:
             found.append(f"{key} {short(old)} -> {short(new)}")
     return found[:shown] + ([f"{len(found) - shown} more"] if len(found) > shown else [])
 

@@ -27,7 +27,7 @@ from clinicadl_app.core.atomic import write_json, write_text
 from clinicadl_app.core.config import Config, Labels, plain
 from clinicadl_app.core.config_file import section_from
 from clinicadl_app.core.errors import ReproductionError
-from clinicadl_app.core.provenance import sha256
+from clinicadl_app.core.provenance import differing_keys, sha256
 from clinicadl_app.group.archive import archived_record
 from clinicadl_app.group.fit import EXECUTION_ONLY
 from clinicadl_app.group.model_card import markdown_table
@@ -73,8 +73,8 @@ class Reproduction:
         found = []
         for section, theirs in recorded.items():
             ours = plain(getattr(config, section))
-            for key in sorted(set(ours) | set(theirs)):
-                if (section, key) not in _RENAMED | _EXECUTION_ONLY and ours.get(key) != theirs.get(key):
+            for key in differing_keys(theirs, ours):
+                if (section, key) not in _RENAMED | _EXECUTION_ONLY:
                     found.append(f"[{section}] {key} = {ours.get(key)!r} (recorded {theirs.get(key)!r})")
         weights, recorded = config.train.pretrained_weights, self.record.get("pretrained_weights_sha256")
         if weights is not None and recorded and weights.is_file() and sha256(weights) != recorded:
@@ -87,7 +87,7 @@ class Reproduction:
             return [f"{self.original.environment}: missing, the recorded software is unknown"]
         before, now = _software(self.original.environment.read_text()), _software(environment_text())
         return [f"{name} {now.get(name, 'absent')} (recorded {before.get(name, 'absent')})"
-                for name in sorted(set(before) | set(now)) if before.get(name) != now.get(name)]
+                for name in differing_keys(before, now)]
 
     def announce(self, config: Config) -> None:
         log.info("reproduce %s into %s-reproduced", self.original.root, self.record["experiment"])
