@@ -31,33 +31,48 @@ from clinicadl_app.layouts.splits import SplitFolder
 log = logging.getLogger("clinicadl_app")
 
 
+def learning_curve_figure(logs: list[Path], task: str, fold: int):
+    """Loss and the task's main metric per evaluation; every point is marked, so a one- or two-epoch run
+    (one evaluation per epoch) still shows its curves."""
+    plt = pyplot()
+    main = {"classification": "BA", "regression": "MAE", "reconstruction": "SSIM"}[task]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4))
+    for n, path in enumerate(logs):  # one log per network (multi-network): a pair of colours each
+        frame = pd.read_csv(path, sep="\t")
+        x = frame.step  # one row per evaluation; evaluation_steps may add several per epoch
+        tag = "" if path.parent.name == "training_logs" else f" {path.parent.name}"
+        train, validation = {"color": f"C{2 * n % 10}"}, {"color": f"C{(2 * n + 1) % 10}"}
+        left.plot(x, frame.loss_train, "-o", ms=3, label=f"train{tag}", **train)
+        left.plot(x, frame.loss_validation, "--s", ms=3, label=f"validation{tag}", **validation)
+        if f"{main}_train" in frame:
+            right.plot(x, frame[f"{main}_train"], "-o", ms=3, label=f"train{tag}", **train)
+        if f"{main}_validation" in frame:
+            right.plot(x, frame[f"{main}_validation"], "--s", ms=3, label=f"validation{tag}", **validation)
+    left.set(xlabel="update step", ylabel="loss", title=f"split-{fold}: loss")
+    right.set(xlabel="update step", ylabel=main, title=f"split-{fold}: {main}")
+    left.legend(fontsize=7)
+    right.legend(fontsize=7)
+    return fig
+
 
 def _learning_curves(maps: Maps, task: str) -> str:
-    plt = pyplot()
-
     figures = []
-    main = {"classification": "BA", "regression": "MAE", "reconstruction": "SSIM"}[task]
     for fold in maps.folds():
         logs = sorted(maps.fold_dir(fold).glob("training_logs/**/training.tsv"))
-        if not logs:
-            continue
-        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4))
-        for path in logs:
-            frame = pd.read_csv(path, sep="\t")
-            x = frame.step  # one row per evaluation; evaluation_steps may add several per epoch
-            tag = "" if path.parent.name == "training_logs" else f" {path.parent.name}"
-            left.plot(x, frame.loss_train, "-", label=f"train{tag}")
-            left.plot(x, frame.loss_validation, "--", label=f"validation{tag}")
-            if f"{main}_validation" in frame:
-                right.plot(x, frame[f"{main}_validation"], "-o", ms=3, label=f"validation{tag}")
-            if f"{main}_train" in frame:
-                right.plot(x, frame[f"{main}_train"], "-", label=f"train{tag}")
-        left.set(xlabel="update step", ylabel="loss", title=f"split-{fold}: loss")
-        right.set(xlabel="update step", ylabel=main, title=f"split-{fold}: {main}")
-        left.legend(fontsize=7)
-        right.legend(fontsize=7)
-        figures.append(img(figure_uri(fig), f"learning curves, split-{fold}"))
+        if logs:
+            figures.append(img(figure_uri(learning_curve_figure(logs, task, fold)), f"learning curves, split-{fold}"))
     return "".join(figures) or "<p>No training log.</p>"
+
+
+def draw_confusion_matrix(ax, matrix: np.ndarray, classes: list[str]) -> None:
+    """Counts on their cells, white on the dark ones so that every count stays readable."""
+    shown = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=max(int(matrix.max()), 1))
+    for (i, j), value in np.ndenumerate(matrix):
+        dark = sum(shown.cmap(shown.norm(value))[:3]) / 3 < 0.5
+        ax.text(j, i, str(value), ha="center", va="center", color="white" if dark else "black")
+    k = len(classes)
+    ax.set(xticks=range(k), yticks=range(k), xticklabels=classes, yticklabels=classes,
+           xlabel="predicted", ylabel="true", title="confusion matrix")
 
 
 def _metric_tables(maps: Maps, task: str) -> str:
@@ -94,11 +109,7 @@ def _outcome_figures(maps: Maps, task: str, classes: list[str] | None) -> str:
                     left.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC")
                     left.legend(fontsize=7)
                     matrix = confusion_matrix(truth, frame.predicted_label.astype(int), labels=list(range(k)))
-                    right.imshow(matrix, cmap="Blues")
-                    for (i, j), value in np.ndenumerate(matrix):
-                        right.text(j, i, str(value), ha="center", va="center")
-                    right.set(xticks=range(k), yticks=range(k), xticklabels=classes, yticklabels=classes,
-                              xlabel="predicted", ylabel="true", title="confusion matrix")
+                    draw_confusion_matrix(right, matrix, classes)
                     figures.append(img(figure_uri(fig), f"split-{fold} best-{metric} on {group}"))
                 elif task == "regression" and frame.true_label.notna().all():
                     fig, ax = plt.subplots(figsize=(4.2, 4))

@@ -1,0 +1,49 @@
+"""The report's figures stay readable in the shapes short runs give: one evaluation, a diagonal confusion matrix."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from matplotlib.colors import to_rgb
+
+from clinicadl_app.core.figures import pyplot
+from clinicadl_app.group.stages.report import draw_confusion_matrix, learning_curve_figure
+
+
+def _luminance(colour) -> float:
+    return float(np.mean(to_rgb(colour)))
+
+
+def test_a_one_evaluation_run_draws_every_curve_in_the_same_colours_on_both_panels(tmp_path):
+    log = tmp_path / "training_logs" / "training.tsv"
+    log.parent.mkdir()
+    pd.DataFrame({"epoch": [0], "step": [6], "loss_train": [0.69], "loss_validation": [0.70],
+                  "BA_train": [0.5], "BA_validation": [1.0]}).to_csv(log, sep="\t", index=False)
+    fig = learning_curve_figure([log], "classification", 0)
+    left, right = fig.axes
+    colours = {}
+    for ax in (left, right):
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        assert set(lines) == {"train", "validation"}
+        for label, line in lines.items():
+            assert len(line.get_xdata()) == 1
+            assert line.get_marker() not in (None, "None", "", " ") and line.get_markersize() > 0, label
+            colours.setdefault(label, set()).add(to_rgb(line.get_color()))
+    assert all(len(c) == 1 for c in colours.values()), f"one colour per set across panels: {colours}"
+    assert colours["train"] != colours["validation"]
+    pyplot().close(fig)
+
+
+def test_confusion_counts_contrast_with_their_cells():
+    fig, ax = pyplot().subplots()
+    matrix = np.array([[0, 3], [0, 3]])
+    draw_confusion_matrix(ax, matrix, ["AD", "CN"])
+    (image,) = ax.get_images()
+    texts = {(round(t.get_position()[1]), round(t.get_position()[0])): t for t in ax.texts}
+    assert len(texts) == 4
+    for (i, j), value in np.ndenumerate(matrix):
+        text = texts[i, j]
+        assert text.get_text() == str(value)
+        cell = _luminance(image.cmap(image.norm(value))[:3])
+        assert abs(_luminance(text.get_color()) - cell) > 0.4, (i, j, cell, text.get_color())
+    pyplot().close(fig)
