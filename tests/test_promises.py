@@ -101,6 +101,8 @@ def test_the_maps_records_the_command_and_the_report_shows_it(trained):
     for section in ("## Model", "## Data", "## Performance", "## Intended use and limits", "## Provenance"):
         assert section in card
     assert "| test | best-loss | 0 | " in card and "classify `diagnosis` into AD, CN" in card
+    assert "test set of 25 % of the participants, 3 folds," in card and "1 epoch at most" in card
+    assert "cropped, 169x208x179" in card and "uncropped" not in card
     assert record["command_line"] in card and "sub-" not in card, "counts, never participant names"
 
 

@@ -23,16 +23,35 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join(lines + [cells(row) for row in frame.itertuples(index=False)])
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _held_out(name: str, amount: float | None) -> str:
+    """[split] n_test and n_validation: below 1 a share of the subjects, from 1 a number of them."""
+    if amount is None:
+        return f"{name} set: n/a"
+    if amount == 0:
+        return f"no {name} set"
+    if amount >= 1:
+        return f"{name} set of {_count(int(amount), 'participant')}"
+    return f"{name} set of {amount * 100:g} % of the participants"
+
+
 def _task(record: dict) -> list[str]:
     train = record["train"]
     task = record["task"]
     what = {"classification": f"classify `{record['label']}` into {', '.join(record.get('classes') or [])}",
             "regression": f"predict `{record['label']}` (a number)",
             "reconstruction": "reconstruct the input image (autoencoder)"}[task]
+    uncropped = (record.get("extraction") or {}).get("use_uncropped_image", False)
+    grid = "uncropped, 193x229x193" if uncropped else "cropped, 169x208x179"
     return [f"- **Task**: {what}.",
             f"- **Input**: {record['mode']} mode, {'x'.join(map(str, record['input_size']))} per input "
-            f"({record.get('parts', 1)} part(s) per image), t1-linear images (MNI152NLin2009cSym, 1 mm, cropped).",
-            f"- **Network**: {train['architecture']}, {train['epochs']} epochs at most, batch {train['batch_size']}, "
+            f"({_count(record.get('parts', 1), 'part')} per image), t1-linear images (MNI152NLin2009cSym, 1 mm, "
+            f"{grid}).",
+            f"- **Network**: {train['architecture']}, {_count(train['epochs'], 'epoch')} at most, batch "
+            f"{train['batch_size']}, "
             f"{train['optimizer']} at learning rate {train['learning_rate']}, seed {record['seed']}; selected per "
             f"fold on validation {', '.join(record['selection_metrics'])}."]
 
@@ -42,9 +61,9 @@ def _data(record: dict, folder: SplitFolder | None) -> list[str]:
     settings = split.get("split", {})
     lines = [f"- **Labels**: column `{record['label']}` of participants.tsv (labels file SHA-256 "
              f"`{split.get('labels_sha256', 'n/a')[:16]}...`).",
-             f"- **Split** (by participant, drawn before any training): test share {settings.get('n_test')}, "
-             f"{settings.get('n_splits') or 1} fold(s)" + (f" (validation share {settings.get('n_validation')})"
-                                                          if not settings.get('n_splits') else "")
+             f"- **Split** (by participant, drawn before any training): {_held_out('test', settings.get('n_test'))}, "
+             f"{_count(settings.get('n_splits') or 1, 'fold')}"
+             + (f" ({_held_out('validation', settings.get('n_validation'))})" if not settings.get('n_splits') else "")
              + f", seed {settings.get('seed')}, age and sex balance checked (p >= {settings.get('p_age')}, "
              f"{settings.get('p_sex')}); membership SHA-256 `{record.get('split_membership_sha256', 'n/a')[:16]}...` "
              "(a MAPS is bound to it)."]

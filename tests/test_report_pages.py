@@ -1,4 +1,5 @@
-"""The report's figures stay readable in the shapes short runs give: one evaluation, a diagonal confusion matrix."""
+"""The report's figures and the model card stay right in the shapes short runs give: one evaluation, a diagonal
+confusion matrix, one epoch, a test set given as a count, the uncropped image."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pandas as pd
 from matplotlib.colors import to_rgb
 
 from clinicadl_app.core.figures import pyplot
+from clinicadl_app.group import model_card
 from clinicadl_app.group.stages.report import draw_confusion_matrix, learning_curve_figure
 
 
@@ -47,3 +49,21 @@ def test_confusion_counts_contrast_with_their_cells():
         cell = _luminance(image.cmap(image.norm(value))[:3])
         assert abs(_luminance(text.get_color()) - cell) > 0.4, (i, j, cell, text.get_color())
     pyplot().close(fig)
+
+
+def test_the_model_card_says_what_the_record_says():
+    record = {"task": "classification", "label": "diagnosis", "classes": ["AD", "CN"], "mode": "roi",
+              "input_size": [1, 50, 50, 50], "parts": 1, "seed": 3, "selection_metrics": ["loss"],
+              "extraction": {"use_uncropped_image": True},
+              "train": {"architecture": "Conv5_FC3", "epochs": 1, "batch_size": 2, "optimizer": "SGD",
+                        "learning_rate": 0.01},
+              "split": {"split": {"n_test": 6, "n_splits": 0, "n_validation": 0.25, "seed": 1}}}
+    task, data = " ".join(model_card._task(record)), " ".join(model_card._data(record, None))
+    assert "1 part per image" in task and "uncropped, 193x229x193" in task and "1 epoch at most" in task
+    assert "test set of 6 participants, 1 fold (validation set of 25 % of the participants)" in data
+    record["split"]["split"] |= {"n_test": 0, "n_splits": 3}
+    record["extraction"]["use_uncropped_image"] = False
+    record["train"]["epochs"] = 5
+    task, data = " ".join(model_card._task(record)), " ".join(model_card._data(record, None))
+    assert "cropped, 169x208x179" in task and "uncropped" not in task and "5 epochs at most" in task
+    assert "no test set, 3 folds," in data
