@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -42,7 +43,13 @@ def run_app(*args: str | Path, check: bool = False, env: dict[str, str] | None =
     )
     if check and done.returncode != 0:
         raise AssertionError(f"exit {done.returncode}\n{done.stdout}\n{done.stderr}")
+    noise = PYTHON_WARNING.findall(done.stderr)
+    assert not noise, f"a Python warning reached the user's terminal: {noise}"
     return done
+
+
+PYTHON_WARNING = re.compile(r"^\S+\.py:\d+: \w*Warning: .*$", re.MULTILINE)
+"""What warnings.warn prints (file:line: SomeWarning: text): noise for a user, who gets log lines or nothing."""
 
 
 @pytest.fixture(scope="session")

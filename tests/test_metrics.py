@@ -56,3 +56,23 @@ def test_regression_intervals_hold_the_estimate():
     mae = np.abs(predicted - truth).mean()
     assert interval["MAE"][0] < mae < interval["MAE"][1]
     assert interval["R2"][0] < interval["R2"][1] <= 1
+
+
+def test_degenerate_predictions_give_nan_metrics_without_warnings():
+    """A one-epoch model often predicts one class for every image: the undefined metrics are NaN, the defined
+    ones are right, and nothing is printed (numpy's 'Mean of empty slice' used to reach the user's terminal)."""
+    import warnings
+
+    from clinicadl_app.group.metrics import classification
+
+    truth = np.array([0, 0, 1, 1, 2, 2])
+    for k in (2, 3):
+        labels = truth % k
+        proba = np.tile(np.eye(k)[0], (len(truth), 1))  # everything predicted as class 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            result = classification(labels, proba, [f"c{c}" for c in range(k)])
+        assert result["accuracy"] == (labels == 0).mean()
+        assert result["BA"] == 1 / k
+        if k == 3:
+            assert result["AUC-c0"] == 0.5 and np.isclose(result["PPV"], (labels == 0).mean())

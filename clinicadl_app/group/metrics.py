@@ -57,6 +57,12 @@ def _binary(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
     }
 
 
+def _macro(values: list[float]) -> float:
+    """The mean over the classes where a value is defined; NaN, without numpy's warning, when none is."""
+    defined = [v for v in values if not math.isnan(v)]
+    return float(np.mean(defined)) if defined else math.nan
+
+
 def classification(y_true: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict[str, float]:
     """y_true: class indices; proba: (n, k) probabilities. Binary metrics take class 1 as positive;
     with more classes each is computed one-vs-rest and averaged (macro), with per-class AUC as well."""
@@ -75,14 +81,14 @@ def classification(y_true: np.ndarray, proba: np.ndarray, classes: list[str]) ->
     else:
         per_class = [_binary((y_true == c).astype(int), (y_pred == c).astype(int)) for c in range(k)]
         for key in per_class[0]:
-            result[key] = float(np.nanmean([m[key] for m in per_class])) if per_class else math.nan
+            result[key] = _macro([m[key] for m in per_class])
         aucs = []
         for c, name in enumerate(classes):
             positive = (y_true == c).astype(int)
             auc = float(skm.roc_auc_score(positive, proba[:, c])) if 0 < positive.sum() < len(positive) else math.nan
             result[f"AUC-{name}"] = auc
             aucs.append(auc)
-        result["AUC"] = float(np.nanmean(aucs)) if not all(math.isnan(a) for a in aucs) else math.nan
+        result["AUC"] = _macro(aucs)
     return result
 
 
