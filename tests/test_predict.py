@@ -162,6 +162,16 @@ def test_truly_new_dataset_is_accepted(full_run, brains, tmp_path):
     assert metrics.BA.iloc[0] >= 0.8
     assert json.loads((maps / "groups" / "external" / "maps.json").read_text())["leak_check"] == "passed"
 
+    # --participant_label and --session_label choose what is predicted, and the group's record says so
+    everyone = sorted(p.name for p in (data / "caps" / "subjects").iterdir())
+    done = predict(data, tmp_path / "out", maps, "external-two", "--participant_label", *everyone[:2],
+                   "--session_label", "M000")
+    assert done.returncode == 0, done.stderr
+    predicted = pd.read_csv(maps / "groups" / "external-two" / "data.tsv", sep="\t")
+    assert sorted(predicted.participant_id) == everyone[:2] and set(predicted.session_id) == {"ses-M000"}
+    origin = json.loads((maps / "groups" / "external-two" / "maps.json").read_text())["origin"]
+    assert origin.endswith(f"chosen by --participant_label {' '.join(everyone[:2])}; --session_label ses-M000")
+
 
 def test_dataset_with_a_training_subject_is_refused(full_run, tmp_path):
     root, maps = full_run

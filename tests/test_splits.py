@@ -139,6 +139,40 @@ def test_existing_split_is_sealed(dataset, split_dir):
     assert same.returncode == 0
 
 
+
+def test_participant_and_session_labels_choose_the_images_at_the_group_level(dataset, tmp_path):
+    """The BIDS Apps convention: --participant_label (and --session_label) restrict the group level too. The
+    others are listed in dropped.tsv with the option that left them out, the split records the choice, and a
+    later run that chooses otherwise meets the sealed split."""
+    bids, caps, _ = dataset
+    everyone = sorted(p.name for p in bids.glob("sub-*"))
+    chosen = everyone[:36]
+    out = tmp_path / "out"
+    done = run_split(dataset, out, "--participant_label", *[c.removeprefix("sub-") for c in chosen[:15]],
+                     *chosen[15:], "--session_label", "M000", "ses-M012", "--n_splits", "2")
+    assert done.returncode == 0, done.stderr
+    folder = out / "splits" / "diagnosis_AD_CN_MCI"
+    labels, dropped = read(folder / "labels.tsv"), read(folder / "dropped.tsv")
+    assert set(labels.participant_id) <= set(chosen) and set(labels.session_id) <= {"ses-M000", "ses-M012"}
+    images = {(p.parents[2].name, p.parents[1].name) for p in caps.glob("subjects/*/*/t1_linear/*.nii.gz")}
+    left_out = {k for k in images if k[0] not in chosen or k[1] == "ses-M024"}
+    assert left_out and any(k[1] == "ses-M024" for k in left_out) and any(k[0] not in chosen for k in left_out)
+    why = {(r.participant_id, r.session_id): r.reason for r in dropped.itertuples()}
+    for key in left_out:
+        option = "--participant_label" if key[0] not in chosen else "--session_label"
+        assert why[key] == f"not chosen by {option}", (key, why.get(key))
+    assert not [k for k, reason in why.items() if "no t1-linear image" in reason and k[0] not in chosen]
+    record = json.loads((folder / "split.json").read_text())["labels"]
+    assert record["participant_label"] == chosen and record["session_label"] == ["ses-M000", "ses-M012"]
+
+    another = run_split(dataset, out, "--participant_label", *chosen[:30], "--n_splits", "2")
+    assert another.returncode == ExitCode.USAGE and another.stderr.count("error:") == 1, another.stderr
+    assert "drawn from other labels" in another.stderr
+    typo = run_split(dataset, tmp_path / "typo", "--participant_label", "999")
+    assert typo.returncode == ExitCode.USAGE and "sub-999" in typo.stderr and "--participant_label" in typo.stderr
+    assert typo.stderr.count("\n") == 1 and not (tmp_path / "typo" / "splits").exists()
+
+
 # --- property-based invariants --------------------------------------------------------------------------
 
 @st.composite

@@ -461,9 +461,12 @@ def test_transfer_single_to_multi_and_multi_to_multi_network(trivial, tmp_path):
 
 def test_reproduce_draws_the_recorded_split_and_retrains_identical_weights(trivial4, tmp_path):
     out = tmp_path / "out"
-    first = group(trivial4, out, "--split", "1", "--epochs", "2", "--deterministic")
+    everyone = pd.read_csv(trivial4 / "bids" / "participants.tsv", sep="\t").participant_id.tolist()
+    chosen = everyone[:-4]  # recorded in the split: the reproduction must choose them again, or its split differs
+    first = group(trivial4, out, "--split", "1", "--epochs", "2", "--deterministic", "--participant_label", *chosen)
     assert first.returncode == 0, first.stderr
     original = maps_of(out)
+    assert json.loads((original / "maps.json").read_text())["split"]["labels"]["participant_label"] == chosen
     untouched = {p: p.read_bytes() for p in original.rglob("*") if p.is_file() and p.suffix in (".json", ".tsv")}
     reproduce = lambda bids, target, *extra: run_app(bids, target, "group", "--caps_dir", trivial4 / "caps",  # noqa: E731
                                                      "--reproduce", original, *extra)
@@ -498,6 +501,7 @@ def test_reproduce_draws_the_recorded_split_and_retrains_identical_weights(trivi
     result = json.loads((copy / "reproduction.json").read_text())
     assert result["verdict"].startswith("identical") and result["split"]["identical"]
     assert result["environment_differences"] == [] and "differ" not in done.stderr
+    assert set(pd.read_csv(again / "labels.tsv", sep="\t").participant_id) == set(chosen)
     assert all(m["identical"] for m in result["models"]) and len(result["models"]) == 2
     assert result["metrics"] and all(m["difference"] == 0 for m in result["metrics"])
     assert "identical" in (copy / "reproduction.md").read_text()

@@ -13,13 +13,63 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from clinicadl_app.core.config import Labels
+from clinicadl_app.core.config import Execution, Labels
 from clinicadl_app.core.errors import MissingInputError, NoDataError, UsageError
-from clinicadl_app.layouts.bids import SESSIONLESS
+from clinicadl_app.layouts.bids import SESSIONLESS, normalise_labels
 from clinicadl_app.layouts.caps import KEYS, Caps
 
 log = logging.getLogger(__name__)
 
+
+@dataclass(frozen=True)
+class Chosen:
+    """--participant_label and --session_label at the group level (the BIDS Apps convention): the images the
+    labels stage may keep, hence the split and training, and the images predict takes from a new dataset.
+    The split records them, so a reproduction chooses the same images."""
+
+    participants: tuple[str, ...] = ()
+    """participant_id values ('sub-X'); empty: every participant"""
+    sessions: tuple[str, ...] = ()
+    """session_id values ('ses-Y'); empty: every session"""
+
+    @classmethod
+    def of(cls, execution: Execution) -> Chosen:
+        return cls(tuple(f"sub-{label}" for label in normalise_labels(execution.participant_label, "sub")),
+                   tuple(f"ses-{label}" for label in normalise_labels(execution.session_label, "ses")))
+
+    @classmethod
+    def recorded(cls, labels: dict) -> Chosen:
+        """From split.json's "labels" section (absent keys: no choice was made)."""
+        return cls(tuple(labels.get("participant_label", ())), tuple(labels.get("session_label", ())))
+
+    def __bool__(self) -> bool:
+        return bool(self.participants or self.sessions)
+
+    def record(self) -> dict[str, list[str]]:
+        """What split.json adds to its "labels" section; nothing when every image was taken, so that splits
+        drawn before this option existed still compare equal."""
+        return {key: list(values) for key, values in
+                (("participant_label", self.participants), ("session_label", self.sessions)) if values}
+
+    def __str__(self) -> str:
+        return "; ".join(f"{flag} {' '.join(values)}" for flag, values in
+                         (("--participant_label", self.participants), ("--session_label", self.sessions)) if values)
+
+    def reason(self, participant_id: str, session_id: str) -> str | None:
+        """Why this image is left out, or None when it is chosen."""
+        if self.participants and participant_id not in self.participants:
+            return "not chosen by --participant_label"
+        if self.sessions and session_id not in self.sessions:
+            return "not chosen by --session_label"
+        return None
+
+    def check(self, available: pd.DataFrame, where: Path) -> None:
+        """Refuse a label that names no image (a typo would otherwise shrink the data without a word)."""
+        for column, wanted, flag in ((KEYS[0], self.participants, "--participant_label"),
+                                     (KEYS[1], self.sessions, "--session_label")):
+            absent = [label for label in wanted if label not in set(available[column])]
+            if absent:
+                raise UsageError(f"{where}: no t1-linear image of {', '.join(absent)}; check {flag}")
 
 
 @dataclass
@@ -104,10 +154,8 @@ def sessions_table(bids_dir: Path, participants: list[str]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def build_labels(bids_dir: Path, caps: Caps, settings: Labels, every_class: bool = True) -> LabelTable:
-    """`every_class`: refuse classes of [labels] values that never occur (a new group may lack some)."""
-    if not settings.column:
-        raise UsageError("[labels] column is required: the participants.tsv or sessions.tsv column to predict")
+def chosen_images(caps: Caps, chosen: Chosen) -> tuple[list, list[tuple[str, str, str]]]:
+    """The CAPS's t1-linear images that `chosen` keeps, and (participant, session, reason) for the others."""
     images, problems = caps.index()
     for problem in problems:
         log.warning("%s", problem)
@@ -115,6 +163,20 @@ def build_labels(bids_dir: Path, caps: Caps, settings: Labels, every_class: bool
         raise MissingInputError(
             f"{caps.root}: no t1-linear image in this CAPS; run the participant level first or check --caps_dir"
         )
+    if not chosen:
+        return images, []
+    chosen.check(pd.DataFrame([(i.participant_id, i.session_id) for i in images], columns=KEYS), caps.root)
+    reasons = [chosen.reason(i.participant_id, i.session_id) for i in images]
+    left_out = [(i.participant_id, i.session_id, why) for i, why in zip(images, reasons, strict=True) if why]
+    return [i for i, why in zip(images, reasons, strict=True) if not why], left_out
+
+
+def build_labels(bids_dir: Path, caps: Caps, settings: Labels, every_class: bool = True,
+                 chosen: Chosen = Chosen()) -> LabelTable:
+    """`every_class`: refuse classes of [labels] values that never occur (a new group may lack some)."""
+    if not settings.column:
+        raise UsageError("[labels] column is required: the participants.tsv or sessions.tsv column to predict")
+    images, dropped = chosen_images(caps, chosen)
     available = pd.DataFrame([(i.participant_id, i.session_id) for i in images], columns=KEYS)
     participants = participants_table(bids_dir)
     sessions = sessions_table(bids_dir, sorted(available.participant_id.unique()))
@@ -131,7 +193,6 @@ def build_labels(bids_dir: Path, caps: Caps, settings: Labels, every_class: bool
         )
 
     parents = parse_subgroups(settings.subgroups)
-    dropped: list[tuple[str, str, str]] = []
     if not settings.keep_failed_qc:
         failed = failed_qc(caps, images)
         dropped += [(p, s, why) for (p, s), why in failed.items()]
@@ -188,6 +249,8 @@ def build_labels(bids_dir: Path, caps: Caps, settings: Labels, every_class: bool
                           + " | ".join(reasons[:3]) + (" | ..." if len(reasons) > 3 else ""))
     dropped_table = pd.DataFrame(dropped, columns=[*KEYS, "reason"]).sort_values(KEYS).reset_index(drop=True)
     missing_images = _bids_sessions_without_image(bids_dir, participants, sessions, available)
+    missing_images = missing_images.loc[np.asarray([chosen.reason(p, s) is None for p, s in
+                                                    missing_images[KEYS].itertuples(index=False)], dtype=bool)]
     if not missing_images.empty:
         dropped_table = pd.concat([dropped_table, missing_images]).sort_values(KEYS).reset_index(drop=True)
     return LabelTable(rows, dropped_table, column, settings.task, parents)

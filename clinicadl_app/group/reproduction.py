@@ -30,6 +30,7 @@ from clinicadl_app.core.errors import ReproductionError
 from clinicadl_app.core.provenance import differing_keys, sha256
 from clinicadl_app.group.archive import archived_record
 from clinicadl_app.group.fit import EXECUTION_ONLY
+from clinicadl_app.group.label_table import Chosen
 from clinicadl_app.group.model_card import markdown_table
 from clinicadl_app.group.models import open_maps
 from clinicadl_app.group.results import KEY_METRICS
@@ -49,11 +50,13 @@ def recorded_settings(maps_dir: Path) -> dict[str, dict]:
     the command line overrides."""
     record = archived_record(maps_dir) if maps_dir.is_file() else open_maps(maps_dir)[1]
     folder = section_from(Labels, record["labels"]).folder
+    chosen = Chosen.recorded(record["split"]["labels"])
     return {"labels": {**record["labels"], "name": folder + SUFFIX},
             "split": dict(record["split"]["split"]),
             "train": {**record["train"], "experiment": record["experiment"] + SUFFIX},
             "extraction": dict(record["extraction_settings"]),
-            "execution": {"stages": ["labels", "split", "train"]}}
+            "execution": {"stages": ["labels", "split", "train"], "participant_label": chosen.participants,
+                          "session_label": chosen.sessions}}
 
 
 @dataclass
@@ -76,6 +79,9 @@ class Reproduction:
             for key in differing_keys(theirs, ours):
                 if (section, key) not in _RENAMED | _EXECUTION_ONLY:
                     found.append(f"[{section}] {key} = {ours.get(key)!r} (recorded {theirs.get(key)!r})")
+        chosen, recorded_choice = Chosen.of(config.execution), Chosen.recorded(self.record["split"]["labels"])
+        if chosen != recorded_choice:
+            found.append(f"images chosen by {chosen or 'no option'} (recorded {recorded_choice or 'none'})")
         weights, recorded = config.train.pretrained_weights, self.record.get("pretrained_weights_sha256")
         if weights is not None and recorded and weights.is_file() and sha256(weights) != recorded:
             found.append(f"[train] pretrained_weights {weights}: other content than the recorded file's "

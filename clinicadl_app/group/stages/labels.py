@@ -12,7 +12,7 @@ import pandas as pd
 from clinicadl_app.core.atomic import write_tsv
 from clinicadl_app.core.config import Config
 from clinicadl_app.core.errors import UsageError
-from clinicadl_app.group.label_table import build_labels
+from clinicadl_app.group.label_table import Chosen, build_labels
 from clinicadl_app.layouts.caps import KEYS, Caps
 from clinicadl_app.layouts.splits import SplitFolder
 
@@ -20,7 +20,7 @@ log = logging.getLogger("clinicadl_app")
 
 
 def run_labels(config: Config, folder: SplitFolder) -> None:
-    table = build_labels(config.bids_dir, Caps(config.caps_dir), config.labels)
+    table = build_labels(config.bids_dir, Caps(config.caps_dir), config.labels, chosen=Chosen.of(config.execution))
     _refuse_if_sealed(folder, folder.labels, table.rows, config)
     write_tsv(folder.labels, table.rows)
     write_tsv(folder.dropped, table.dropped)

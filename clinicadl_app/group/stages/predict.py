@@ -29,6 +29,7 @@ from clinicadl_app.core.errors import LeakageError, MissingInputError, UsageErro
 from clinicadl_app.group.archive import exported, pseudonymised
 from clinicadl_app.group.data import ImageStore, PartDataset, image_paths, part_spec
 from clinicadl_app.group.experiment import experiment_name, select_rows
+from clinicadl_app.group.label_table import Chosen, build_labels, chosen_images
 from clinicadl_app.group.leakage import Overlap, Seen, overlap, same_place
 from clinicadl_app.group.models import load_selected, open_maps, same_weights, task_from_record
 from clinicadl_app.group.results import GroupResult, evaluate_group, validation_weights
@@ -74,21 +75,26 @@ def group_rows(config: Config, maps: Maps, record: dict, caps: Caps) -> tuple[pd
             raise MissingInputError(f"{maps.resolve(record['split_directory'], 'split folder')}: no split.json; "
                                     "the test set of this MAPS is not at hand")
         rows = select_rows(folder.read(folder.set_file("test"), column, labels.task), shadow)
+        chosen = Chosen.of(config.execution)
+        if chosen and chosen != Chosen.recorded(json.loads(folder.record.read_text())["labels"]):
+            log.warning("%s: the test set is the split's, drawn without %s; those options choose the images of "
+                        "the labels stage and of new datasets", folder.root, chosen)
         return rows, True, f"test set of {folder.root}"
-    from clinicadl_app.group.label_table import build_labels
-
-    try:  # a new dataset: every image is predicted, those that failed QC marked in the prediction table
-        table = build_labels(config.bids_dir, caps, replace(labels, keep_failed_qc=True), every_class=False)
+    chosen = Chosen.of(config.execution)
+    try:  # a new dataset: every chosen image is predicted, those that failed QC marked in the prediction table
+        table = build_labels(config.bids_dir, caps, replace(labels, keep_failed_qc=True), every_class=False,
+                             chosen=chosen)
         rows, labelled = select_rows(table.rows, shadow), True
     except UsageError as error:
         if "no column" not in error.message:
             raise
         log.warning("%s: no column '%s': predictions without metrics", config.bids_dir, column)
-        images, _ = caps.index()
+        images, _ = chosen_images(caps, chosen)
         rows = pd.DataFrame([(i.participant_id, i.session_id) for i in images], columns=KEYS)
         rows[column] = None
         labelled = False
-    return rows.sort_values(KEYS).reset_index(drop=True), labelled, f"images of {config.bids_dir} in {caps.root}"
+    origin = f"images of {config.bids_dir} in {caps.root}" + (f" chosen by {chosen}" if chosen else "")
+    return rows.sort_values(KEYS).reset_index(drop=True), labelled, origin
 
 
 def check_leakage(maps: Maps, record: dict, caps: Caps, rows: pd.DataFrame, config: Config) -> Overlap:

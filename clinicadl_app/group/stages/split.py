@@ -16,7 +16,7 @@ from clinicadl_app import __version__
 from clinicadl_app.core.atomic import write_json, write_tsv
 from clinicadl_app.core.config import Config
 from clinicadl_app.core.errors import UsageError
-from clinicadl_app.group.label_table import parse_subgroups
+from clinicadl_app.group.label_table import Chosen, parse_subgroups
 from clinicadl_app.group.splitting import baseline, make_split, population, select
 from clinicadl_app.layouts.caps import KEYS
 from clinicadl_app.layouts.splits import SplitFolder
@@ -32,7 +32,8 @@ def run_split(config: Config, folder: SplitFolder) -> None:
     settings = config.split
     record = {
         "labels": {"column": labels.column, "task": labels.task, "values": list(labels.values),
-                   "subgroups": {k: v for k, v in parse_subgroups(labels.subgroups).items()}},
+                   "subgroups": {k: v for k, v in parse_subgroups(labels.subgroups).items()},
+                   **Chosen.of(config.execution).record()},
         "split": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.__dict__.items()},
         "labels_sha256": _sha(folder.labels),
         "generated_by": {"name": "clinicadl-app", "version": __version__},
