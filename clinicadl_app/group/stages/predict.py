@@ -66,6 +66,7 @@ def group_rows(config: Config, maps: Maps, record: dict, caps: Caps) -> tuple[pd
     labels = section_from(Labels, record["labels"])
     shadow = Config(config.bids_dir, config.output_dir, "group", labels=labels,
                     train=section_from(Train, record["train"]))
+    chosen = Chosen.of(config.execution)
     if group == "test":  # the MAPS's own split's test set, wherever the MAPS is
         if exported(record):
             raise MissingInputError(f"{maps.root}: unpacked from an exported archive, which carries no test set; "
@@ -75,12 +76,10 @@ def group_rows(config: Config, maps: Maps, record: dict, caps: Caps) -> tuple[pd
             raise MissingInputError(f"{maps.resolve(record['split_directory'], 'split folder')}: no split.json; "
                                     "the test set of this MAPS is not at hand")
         rows = select_rows(folder.read(folder.set_file("test"), column, labels.task), shadow)
-        chosen = Chosen.of(config.execution)
         if chosen and chosen != Chosen.recorded(json.loads(folder.record.read_text())["labels"]):
             log.warning("%s: the test set is the split's, drawn without %s; those options choose the images of "
                         "the labels stage and of new datasets", folder.root, chosen)
         return rows, True, f"test set of {folder.root}"
-    chosen = Chosen.of(config.execution)
     try:  # a new dataset: every chosen image is predicted, those that failed QC marked in the prediction table
         table = build_labels(config.bids_dir, caps, replace(labels, keep_failed_qc=True), every_class=False,
                              chosen=chosen)
