@@ -316,6 +316,10 @@ def train_fold(config: Config, maps: Maps, data: FoldData, transfer, report=None
         write_text(maps.fold_environment(data.fold), environment_text(sys.argv))
     log.info("split-%d: %d training and %d validation images, input %s, %d network(s) on %s",
              data.fold, len(data.train), len(data.validation), in_shape, len(networks), device.device)
+    usable = len(os.sched_getaffinity(0))
+    if settings.num_workers > usable:  # torch's own UserWarning says it at every epoch; it is filtered in runtime.py
+        log.warning("--num_workers %d on %d usable CPU(s): the loading processes take CPU time from training; "
+                    "0 loads in the training process", settings.num_workers, usable)
     for network in networks:
         torch.manual_seed(settings.seed * 1000 + data.fold * 100 + (network or 0))
         model = build_model(settings, in_shape, data.task, pretrained=True)

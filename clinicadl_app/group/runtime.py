@@ -10,6 +10,7 @@ import functools
 import logging
 import math
 import random
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -23,6 +24,9 @@ from clinicadl_app.core.config import Train
 from clinicadl_app.core.distributed import World
 
 log = logging.getLogger(__name__)
+
+# torch repeats this at every epoch's loader, as a Python warning on the terminal; fit.py logs it once per fold
+warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
 
 
 @dataclass

@@ -5,8 +5,8 @@ through its journal file (a database URL for larger farms), Optuna hands each a 
 each trial samples with a seed made of the search seed and its number, so the same seed and space give the
 same trials whichever job draws them. The objective is a validation metric averaged over the folds
 trained; the test set is never read. A job killed mid-trial leaves its trial running with its lock
-released by the kernel: the next job marks it failed and enqueues its parameters again (with a database,
-Optuna's own heartbeat does the same).
+released by the kernel: the next job marks it failed and enqueues its parameters again, whatever the storage
+(Optuna's heartbeat only beats inside Study.optimize, and jobs here ask and tell).
 """
 
 from __future__ import annotations
@@ -87,9 +87,7 @@ def _check_space(search: SearchFolder, config: Config, objective: str, folder: S
 def _study(search: SearchFolder, config: Config, objective: str) -> optuna.Study:
     settings = config.search
     if settings.storage:
-        storage = optuna.storages.RDBStorage(
-            settings.storage, heartbeat_interval=60, grace_period=180,
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3))
+        storage = optuna.storages.RDBStorage(settings.storage)
     else:
         backend = optuna.storages.journal.JournalFileBackend(
             str(search.journal), lock_obj=optuna.storages.journal.JournalFileOpenLock(str(search.journal)))
