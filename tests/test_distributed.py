@@ -24,7 +24,7 @@ from clinicadl_app.core.errors import ExitCode
 from clinicadl_app.generate import TRIVIAL_SPLIT, Trivial, generate_trivial
 from clinicadl_app.layouts.caps import Caps
 
-from .conftest import CAPS2MM, ROOT, run_app
+from .conftest import CAPS2MM, PYTHON_WARNING, ROOT, run_app
 
 pytestmark = pytest.mark.slow
 
@@ -89,6 +89,8 @@ def torchrun(dataset: Path, out: Path, *extra: str, processes: int = 2) -> subpr
                "--log_dir", str(logs), "--redirects", "3", *_arguments(dataset, out, *extra)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     done.stderr = "".join(path.read_text() for path in sorted(logs.rglob("stderr.log")))
+    noise = PYTHON_WARNING.findall(done.stderr)
+    assert not noise, f"a Python warning reached the user's terminal: {noise}"
     return done
 
 

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -526,9 +527,23 @@ def test_reproduce_draws_the_recorded_split_and_retrains_identical_weights(trivi
     exported = run_app(trivial4 / "bids", out, "group", "--stages", "export", "--maps_dir", original)
     assert exported.returncode == 0, exported.stderr
     archive = out / "exports" / f"{original.name}.tar.gz"
+    # the participants chosen by --participant_label travel as a number: no text of the archive names them
+    with tarfile.open(archive) as tar:
+        texts = {m.name: tar.extractfile(m).read().decode() for m in tar.getmembers()
+                 if m.name.endswith((".json", ".md", ".txt", ".tsv"))}
+    assert not [(name, p) for name, text in texts.items() for p in chosen if p in text]
+    shared = json.loads(texts[f"{original.name}/maps.json"])
+    assert shared["split"]["labels"]["participant_label_withheld"] == len(chosen)
+    assert "participant_label" not in shared["split"]["labels"] and shared["command"].count("withheld") == len(chosen)
+    assert "--participant_label withheld withheld" in texts[f"{original.name}/environment.txt"]
+    assert "--participant_label withheld withheld" in texts[f"{original.name}/model_card.md"]
+    unnamed = run_app(trivial4 / "bids", tmp_path / "unnamed", "group", "--caps_dir", trivial4 / "caps",
+                      "--reproduce", archive, "--stages", "labels", "split")
+    assert unnamed.returncode == ExitCode.NOT_REPRODUCED and "whose names the export withheld" in unnamed.stderr
     from_archive = run_app(trivial4 / "bids", tmp_path / "receiver", "group", "--caps_dir", trivial4 / "caps",
-                           "--reproduce", archive, "--stages", "labels", "split")
+                           "--reproduce", archive, "--stages", "labels", "split", "--participant_label", *chosen)
     assert from_archive.returncode == 0, from_archive.stderr
+    assert "withheld" not in from_archive.stderr and "settings differ" not in from_archive.stderr
     assert (tmp_path / "receiver" / "maps" / original.name / "export.json").is_file()
 
     both = run_app(trivial4 / "bids", tmp_path / "x", "group", "--reproduce", original, "--config",

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import tarfile
 import tempfile
@@ -26,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 
 from clinicadl_app import __version__
-from clinicadl_app.core.atomic import atomic_path, lock, write_json, write_tsv
+from clinicadl_app.core.atomic import atomic_path, lock, write_json, write_text, write_tsv
 from clinicadl_app.core.config import Train
 from clinicadl_app.core.config_file import section_from
 from clinicadl_app.core.errors import InputDataError, MissingInputError, UsageError
@@ -39,6 +40,8 @@ from clinicadl_app.layouts.maps import Maps
 log = logging.getLogger("clinicadl_app")
 
 FORMAT = "clinicadl-app MAPS archive 1"
+WITHHELD = "participant_label_withheld"
+"""split.json's "labels" key that replaces the chosen participants in a pseudonymised export: their number"""
 _TRAINED_FROM = ("caps_directory", "bids_directory", "split_directory")
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 _FIX = "export it again with --stages export"
@@ -72,10 +75,16 @@ def export_maps(maps: Maps, destination: Path, include_participants: bool) -> Pa
             "maps": maps.root.name, "participants": "included" if include_participants else "pseudonyms",
             "trained_from": {key: record.get(key) for key in _TRAINED_FROM}}
         record.update(dict.fromkeys(_TRAINED_FROM))
+        texts = {} if include_participants else _withhold_chosen(record)
         write_json(stage.record, record)
         for path in (maps.environment, maps.model_card):
             if path.is_file():
-                _copy(path, stage.root / path.name)
+                text = path.read_text()
+                if not include_participants:
+                    text = _withhold_environment(text)
+                    for named, withheld in texts.items():
+                        text = text.replace(named, withheld)
+                write_text(stage.root / path.name, text)
         _write_seen(maps, stage, include_participants)
         train = section_from(Train, record["train"])
         for fold in folds:
@@ -88,6 +97,44 @@ def export_maps(maps: Maps, destination: Path, include_participants: bool) -> Pa
     log.info("export: %s (%d fold(s), %.1f MB; participants %s); predict with --maps_dir %s", destination,
              len(folds), destination.stat().st_size / 1e6, record["exported"]["participants"], destination)
     return destination
+
+
+def _withhold_chosen(record: dict) -> dict[str, str]:
+    """Participants chosen by --participant_label are named in split.json's choice and in the command line:
+    the export keeps their number only. Returns the record's command line as written and as withheld, for
+    model_card.md's provenance, which quotes it."""
+    labels = record.get("split", {}).get("labels", {})
+    chosen = labels.pop("participant_label", None)
+    if chosen:
+        labels[WITHHELD] = len(chosen)
+    command = list(record.get("command") or [])
+    withheld = _withhold_arguments(command)
+    if withheld == command:
+        return {}
+    line = record.get("command_line", "")
+    record["command"], record["command_line"] = withheld, shlex.join(["clinicadl-app", *withheld[1:]])
+    return {line: record["command_line"]}
+
+
+def _withhold_arguments(arguments: list[str]) -> list[str]:
+    """The values of --participant_label replaced by 'withheld' (argparse takes every value up to the next
+    option, and so does this)."""
+    out, naming = [], False
+    for argument in arguments:
+        if argument.startswith("-"):
+            flag = argument.split("=")[0]
+            naming = flag in ("--participant_label", "--participant-label")
+            out.append(f"{flag}=withheld" if naming and "=" in argument else argument)
+        else:
+            out.append("withheld" if naming else argument)
+    return out
+
+
+def _withhold_environment(text: str) -> str:
+    """The "command ..." line of environment.txt (the first training run's, not always the record's), also
+    quoted in model_card.md's software block."""
+    return "\n".join("command " + " ".join(_withhold_arguments(line[len("command "):].split(" ")))
+                     if line.startswith("command ") else line for line in text.split("\n"))
 
 
 def _copy(source: Path, target: Path) -> None:

@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from clinicadl_app.core.config import Config, Labels, plain
 from clinicadl_app.core.config_file import section_from
 from clinicadl_app.core.errors import ReproductionError
 from clinicadl_app.core.provenance import differing_keys, sha256
-from clinicadl_app.group.archive import archived_record
+from clinicadl_app.group.archive import WITHHELD, archived_record
 from clinicadl_app.group.fit import EXECUTION_ONLY
 from clinicadl_app.group.label_table import Chosen
 from clinicadl_app.group.model_card import markdown_table
@@ -79,7 +79,13 @@ class Reproduction:
             for key in differing_keys(theirs, ours):
                 if (section, key) not in _RENAMED | _EXECUTION_ONLY:
                     found.append(f"[{section}] {key} = {ours.get(key)!r} (recorded {theirs.get(key)!r})")
-        chosen, recorded_choice = Chosen.of(config.execution), Chosen.recorded(self.record["split"]["labels"])
+        labels = self.record["split"]["labels"]
+        chosen, recorded_choice = Chosen.of(config.execution), Chosen.recorded(labels)
+        if WITHHELD in labels:  # a pseudonymised archive: the names are gone, their number is not
+            if len(chosen.participants) != labels[WITHHELD]:
+                found.append(f"{len(chosen.participants)} participants chosen by --participant_label (recorded "
+                             f"{labels[WITHHELD]}, whose names the export withheld: give them again)")
+            chosen = replace(chosen, participants=())
         if chosen != recorded_choice:
             found.append(f"images chosen by {chosen or 'no option'} (recorded {recorded_choice or 'none'})")
         weights, recorded = config.train.pretrained_weights, self.record.get("pretrained_weights_sha256")
@@ -114,6 +120,10 @@ class Reproduction:
         if not split["identical"]:
             why = "the labels table differs too" if split["labels_sha256"]["recorded"] != \
                 split["labels_sha256"]["reproduced"] else "the labels table is the same, the draw is not"
+            withheld = self.record["split"]["labels"].get(WITHHELD)
+            if withheld:
+                why += (f"; {withheld} participants were chosen with --participant_label, whose names the export "
+                        "withheld: give them again")
             self._write(new, {"split": split, "verdict": "not reproduced: the split differs"})
             shutil.rmtree(folder.root)  # nothing trained on it; a rerun on the right data draws it again
             raise ReproductionError(
