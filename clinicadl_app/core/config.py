@@ -34,14 +34,10 @@ def option(default: Any, help: str, *, flags: tuple[str, ...] = (), metavar: str
 class Execution:
     """How and on what to run; nothing here changes a result but the choice of images (which the split records)."""
 
-    participant_label: tuple[str, ...] = option(
-        (), "participants to process (with or without 'sub-'); default all. At the group level: the images the "
-        "labels stage keeps (so the split and training) and predict takes from a new dataset", metavar="LABEL"
-    )
-    session_label: tuple[str, ...] = option(
-        (), "sessions to process (with or without 'ses-'); default all; at the group level as --participant_label",
-        metavar="LABEL"
-    )
+    participant_label: tuple[str, ...] = option((), "participants to process (with or without 'sub-'); default all;"
+        " at the group level, the images to label (so to split and train on) and to predict", metavar="LABEL")
+    session_label: tuple[str, ...] = option((), "sessions to process (with or without 'ses-'); default all; at the "
+                                            "group level as --participant_label", metavar="LABEL")
     bids_filter_file: Path | None = option(
         None, 'JSON file of BIDS entities narrowing the T1w query, as fMRIPrep: {"t1w": {"acquisition": "mprage"}}'
     )
