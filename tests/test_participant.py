@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from clinicadl_app.images import templates
 from clinicadl_app.layouts.caps import Caps, CapsImage
@@ -159,6 +160,11 @@ def test_reports_show_each_session_with_its_figure(run_two_jobs):
         for source in re.findall(r"src='([^']+)'", page):
             figure = out / "reports" / source
             assert figure.exists() and figure.stat().st_size > 10_000
+            # the page says red for the brain outline and cyan for the white-matter edge: both drawn, and apart
+            pixels = np.asarray(Image.open(figure).convert("RGB")).astype(int)
+            r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+            assert ((r > 180) & (g < 90) & (b < 90)).sum() > 300 and ((r < 120) & (g > 180) & (b > 180)).sum() > 300
+            assert "red line" in page and "cyan line" in page
 
 
 def test_rerun_skips_complete_sessions_and_overwrite_redoes(run_two_jobs, sessions_bids):

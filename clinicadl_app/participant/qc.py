@@ -58,7 +58,8 @@ def _nmi(a: np.ndarray, b: np.ndarray, bins: int = 64) -> float:
 
 
 def qc_figure(image: np.ndarray, out: Path, title: str) -> None:
-    """Three planes of the registered image with the template's brain outline and tissue edges in red."""
+    """Three planes of the registered image with the template's brain outline in red and its white-matter edge
+    in cyan (it was orange-red once: on a screen the two could not be told apart)."""
     from clinicadl_app.core.figures import pyplot
 
     plt = pyplot()
@@ -78,7 +79,7 @@ def qc_figure(image: np.ndarray, out: Path, title: str) -> None:
     for ax, (plane, cut) in zip(axes, cuts.items(), strict=True):
         ax.imshow(np.rot90(image[cut]), cmap="gray", vmin=low, vmax=high, interpolation="bilinear")
         ax.contour(np.rot90(mask[cut].astype(float)), levels=[0.5], colors="red", linewidths=0.8)
-        ax.contour(np.rot90(template[cut]), levels=[wm_level], colors="orangered", linewidths=0.5)
+        ax.contour(np.rot90(template[cut]), levels=[wm_level], colors="cyan", linewidths=0.5)
         ax.set_title(plane, color="white", fontsize=9)
         ax.axis("off")
     fig.suptitle(title, color="white", fontsize=10)

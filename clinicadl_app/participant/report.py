@@ -31,7 +31,7 @@ def write_participant_report(layout: OutputLayout, caps: Caps, participant_id: s
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{participant_id} - clinicadl-app QC</title>"
         f"<style>{_STYLE}</style></head><body><h1>{participant_id}: t1-linear quality check</h1>"
         "<p class='note'>Each picture shows the registered image in MNI152NLin2009cSym space. The red line is the "
-        "template's brain outline and the orange line its white-matter boundary: in a good registration they follow "
+        "template's brain outline and the cyan line its white-matter boundary: in a good registration they follow "
         "the brain's edge, the ventricles and the deep grey matter in all three planes.</p>"
         + "".join(sections)
         + "</body></html>"
