@@ -155,6 +155,29 @@ def parse_args(argv: list[str] | None = None) -> Config:
     return build_config(bids_dir, output_dir, level, values, namespace.config, recorded)
 
 
+_ONE_LEVEL = {  # (section, setting or "*"): the one level that reads it; the other would ignore it in silence
+    **{("execution", name): "participant" for name in ("bids_filter_file", "skip_bids_validator")},
+    ("preprocessing", "*"): "participant",
+    **{("execution", name): "group" for name in ("stages", "reproduce")},
+    **{(section, "*"): "group" for section in ("labels", "split", "train", "predict", "interpret", "search", "export")},
+}
+
+
+def ignored_options(argv: list[str] | None) -> list[str]:
+    """The options on this command line that the chosen level does not read (a TOML file may hold them all:
+    one experiment file serves both levels, so only the command line is checked)."""
+    namespace = build_parser().parse_args(argv)
+    ignored = []
+    for dest, value in vars(namespace).items():
+        if _SEP not in dest or value is dataclasses.MISSING:
+            continue
+        section, name = dest.split(_SEP, 1)
+        level = _ONE_LEVEL.get((section, name)) or _ONE_LEVEL.get((section, "*"))
+        if level is not None and level != namespace.analysis_level:
+            ignored.append(option_name(section, name))
+    return ignored
+
+
 def prepare_process(config: Config) -> None:
     """Threads follow --n_cpus; temporary files go to the work folder when the system's are not writable
     (a container run with --read-only, where only OUTPUT_DIR and -w WORK_DIR are)."""
@@ -197,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = parse_args(argv)
         setup_logging(config)
+        ignored = ignored_options(argv)
+        if ignored:
+            log.warning("%s: not read at the %s level, ignored", ", ".join(ignored), config.analysis_level)
         prepare_process(config)
         if config.analysis_level == "participant":
             from clinicadl_app.participant import run

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from clinicadl_app import __version__
-from clinicadl_app.cli import build_parser, main, option_name, parse_args
+from clinicadl_app.cli import build_parser, ignored_options, main, option_name, parse_args
 from clinicadl_app.core.config import Config
 from clinicadl_app.core.config_file import read_config_file
 from clinicadl_app.core.errors import ExitCode, UsageError
@@ -130,6 +130,23 @@ def test_group_level_without_a_label_says_what_to_set(tmp_path):
     done = run_app(DEMO, tmp_path / "out", "group")
     assert done.returncode == ExitCode.USAGE
     assert "[labels] column is required" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_options_the_level_does_not_read_are_named_not_ignored_in_silence(tmp_path):
+    """Training options at the participant level, preprocessing or BIDS-query options at the group level: one
+    warning names them (a shared TOML file may hold both levels' settings; only the command line counts)."""
+    config = tmp_path / "experiment.toml"
+    config.write_text('[labels]\ncolumn = "sex"\n[preprocessing]\nqc_threshold = 0.4\n')
+    participant = [str(DEMO), str(tmp_path / "out"), "participant", "--config", str(config), "--epochs", "3",
+                   "--name", "x", "--stages", "train", "--n_cpus", "1", "--skip_bids_validator"]
+    assert sorted(ignored_options(participant)) == ["--epochs", "--name", "--stages"]
+    group = [str(DEMO), str(tmp_path / "out"), "group", "--config", str(config), "--qc_threshold", "0.5",
+             "--bids_filter_file", "f.json", "--skip-bids-validator", "--patch_size", "40", "--participant_label", "01"]
+    assert sorted(ignored_options(group)) == ["--bids_filter_file", "--qc_threshold", "--skip_bids_validator"]
+    done = run_app(DEMO, tmp_path / "out", "participant", "--participant_label", "nobody", "--epochs", "3",
+                   "--skip_bids_validator")
+    assert done.returncode == ExitCode.USAGE, done.stderr
+    assert "--epochs: not read at the participant level, ignored" in done.stderr and "sub-nobody" in done.stderr
 
 
 def test_help_lists_every_section():
