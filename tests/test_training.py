@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import signal
@@ -471,6 +472,8 @@ def test_reproduce_draws_the_recorded_split_and_retrains_identical_weights(trivi
     assert first.returncode == 0, first.stderr
     original = maps_of(out)
     assert json.loads((original / "maps.json").read_text())["split"]["labels"]["participant_label"] == chosen
+    card = (original / "model_card.md").read_text()  # one fold trained: its mean, and no spread
+    assert re.search(r"\| validation \| best-loss \| 1 \| \d\.\d{3} \|", card) and not re.search(r"\d ± ", card)
     untouched = {p: p.read_bytes() for p in original.rglob("*") if p.is_file() and p.suffix in (".json", ".tsv")}
     reproduce = lambda bids, target, *extra: run_app(bids, target, "group", "--caps_dir", trivial4 / "caps",  # noqa: E731
                                                      "--reproduce", original, *extra)

@@ -155,6 +155,7 @@ def metric_tables(maps: Maps, names: list[str]) -> tuple[pd.DataFrame, pd.DataFr
         entry = {"group": group, "selection": selection, "splits": len(part)}
         for name in (n for n in names if f"_{n}" in part):
             values = part[f"_{name}"].astype(float)
-            entry[name] = f"{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0:.3f}"
+            # one split has no spread to show: "± 0.000" would claim that folds agree perfectly
+            entry[name] = f"{values.mean():.3f}" + (f" ± {values.std(ddof=1):.3f}" if len(values) > 1 else "")
         summary.append(entry)
     return frame[[c for c in frame.columns if not c.startswith("_")]], pd.DataFrame(summary)
