@@ -124,16 +124,22 @@ def _strip_optional(kind: Any) -> Any:
     return kind
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    namespace = build_parser().parse_args(argv)
-    level = namespace.analysis_level
-    if level not in LEVELS:
-        raise UnknownLevelError(f"unknown analysis level '{level}'; use one of: {', '.join(LEVELS)}")
+def _given(namespace: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The settings given on the command line, by section (absent options never reach the namespace)."""
     values: dict[str, dict[str, Any]] = {}
     for dest, value in vars(namespace).items():
         if _SEP in dest and value is not dataclasses.MISSING:
             section, name = dest.split(_SEP, 1)
             values.setdefault(section, {})[name] = value
+    return values
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    namespace = build_parser().parse_args(argv)
+    level = namespace.analysis_level
+    if level not in LEVELS:
+        raise UnknownLevelError(f"unknown analysis level '{level}'; use one of: {', '.join(LEVELS)}")
+    values = _given(namespace)
     bids_dir = namespace.bids_dir.expanduser().absolute()
     output_dir = namespace.output_dir.expanduser().absolute()
     if not bids_dir.is_dir():
@@ -167,15 +173,9 @@ def ignored_options(argv: list[str] | None) -> list[str]:
     """The options on this command line that the chosen level does not read (a TOML file may hold them all:
     one experiment file serves both levels, so only the command line is checked)."""
     namespace = build_parser().parse_args(argv)
-    ignored = []
-    for dest, value in vars(namespace).items():
-        if _SEP not in dest or value is dataclasses.MISSING:
-            continue
-        section, name = dest.split(_SEP, 1)
-        level = _ONE_LEVEL.get((section, name)) or _ONE_LEVEL.get((section, "*"))
-        if level is not None and level != namespace.analysis_level:
-            ignored.append(option_name(section, name))
-    return ignored
+    level = namespace.analysis_level
+    return [option_name(section, name) for section, names in _given(namespace).items() for name in names
+            if _ONE_LEVEL.get((section, name), _ONE_LEVEL.get((section, "*"), level)) != level]
 
 
 def prepare_process(config: Config) -> None:

@@ -76,7 +76,7 @@ def group_rows(config: Config, maps: Maps, record: dict, caps: Caps) -> tuple[pd
             raise MissingInputError(f"{maps.resolve(record['split_directory'], 'split folder')}: no split.json; "
                                     "the test set of this MAPS is not at hand")
         rows = select_rows(folder.read(folder.set_file("test"), column, labels.task), shadow)
-        if chosen and chosen != Chosen.recorded(json.loads(folder.record.read_text())["labels"]):
+        if chosen and chosen != Chosen.recorded(record["split"]["labels"]):  # check_split: the same draw
             log.warning("%s: the test set is the split's, drawn without %s; those options choose the images of "
                         "the labels stage and of new datasets", folder.root, chosen)
         return rows, True, f"test set of {folder.root}"
