@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ from scipy import stats
 
 from clinicadl_app.core.config import Split
 from clinicadl_app.core.errors import ExitCode, UsageError
-from clinicadl_app.group.splitting import make_split, subject_table
+from clinicadl_app.group.splitting import baseline, make_split, subject_table
 
 from .conftest import run_app
 from .group_data import make_longitudinal
@@ -225,8 +227,10 @@ def _reference_balance(subjects: pd.DataFrame, held: set[str]) -> tuple[float, f
     for _, group in subjects.groupby("cls"):
         inside = group.index.isin(list(held))
         ages_in, ages_out = group.age[inside].dropna(), group.age[~inside].dropna()
-        if len(ages_in) >= 2 and len(ages_out) >= 2 and (ages_in.std() > 0 or ages_out.std() > 0):
-            p_age = min(p_age, float(stats.ttest_ind(ages_in, ages_out, equal_var=False).pvalue))
+        if len(ages_in) >= 2 and len(ages_out) >= 2 and (ages_in.nunique() > 1 or ages_out.nunique() > 1):
+            with warnings.catch_warnings():  # scipy warns of a set of equal ages, whose variance is 0 to us
+                warnings.simplefilter("ignore", RuntimeWarning)
+                p_age = min(p_age, float(stats.ttest_ind(ages_in, ages_out, equal_var=False).pvalue))
         sexes = group.sex.dropna()
         levels = sorted(sexes.unique())
         held_sex, rest_sex = sexes[sexes.index.isin(list(held))], sexes[~sexes.index.isin(list(held))]
@@ -247,6 +251,37 @@ def test_recorded_balance_is_scipys_welch_and_fisher_tests(rows, seed):
         p_age, p_sex = _reference_balance(table, set(held))
         assert draw.balance[0].p_age == pytest.approx(p_age, rel=1e-9, abs=1e-12)
         assert draw.balance[0].p_sex == pytest.approx(p_sex, rel=1e-9, abs=1e-12)
+
+
+def test_a_participants_first_session_counts_numbers_as_numbers():
+    """BIDS does not pad session labels: ses-9 comes before ses-10, and ses-M6 before ses-M12."""
+    rows = pd.DataFrame({"participant_id": ["sub-a", "sub-a", "sub-b", "sub-b", "sub-b"],
+                         "session_id": ["ses-10", "ses-9", "ses-M12", "ses-M6", "ses-M24"],
+                         "dx": ["AD", "CN", "AD", "MCI", "AD"], "age": [71.0, 70.0, 81.0, 80.5, 82.0]})
+    first = baseline(rows)
+    assert first.session_id.tolist() == ["ses-9", "ses-M6"]
+    subjects = subject_table(rows, "dx", "classification", 1)
+    assert subjects.stratum.tolist() == ["CN", "MCI"] and subjects.age.tolist() == [70.0, 80.5]
+
+
+def test_equal_ages_are_not_compared_on_rounding_noise():
+    """A class whose participants all have one age (57.3) has nothing to balance: numpy's variance of such ages
+    is ~1e-29, not 0, and made a t statistic of rounding errors that rejected draws."""
+    rows = pd.DataFrame({"participant_id": [f"sub-{i:02d}" for i in range(24)], "session_id": "ses-M000",
+                         "dx": ["AD", "CN"] * 12, "age": 57.3, "sex": ["F", "F", "M", "M"] * 6})
+    result = make_split(rows, "dx", "classification", Split(n_test=0.25, n_splits=3, p_sex=0, max_attempts=1))
+    assert all(draw.met for draw in result.draws)
+    assert [b.p_age for draw in result.draws for b in draw.balance] == [1.0] * 4
+
+
+def test_an_unmet_balance_names_each_fold(caplog):
+    rows = pd.DataFrame({"participant_id": [f"sub-{i:02d}" for i in range(30)], "session_id": "ses-M000",
+                         "dx": ["AD", "CN"] * 15, "age": np.arange(30) * 1.5 + 50, "sex": ["F", "M", "M"] * 10})
+    with caplog.at_level(logging.WARNING):
+        make_split(rows, "dx", "classification", Split(n_test=0.2, n_splits=3, p_age=1, p_sex=1, max_attempts=2))
+    (test, folds) = (r.getMessage() for r in caplog.records)
+    assert test.startswith("test: no draw in 2") and "split-" not in test
+    assert folds.startswith("folds: no draw in 2") and all(f"split-{i} p_age" in folds for i in range(3))
 
 
 def test_regression_split_stratifies_on_bins():

@@ -52,6 +52,11 @@ class Draw:
         return {"attempts": self.attempts, "thresholds_met": self.met,
                 "p_values": [{k: round(v, 6) for k, v in asdict(b).items()} for b in self.balance]}
 
+    def describe(self) -> str:
+        """The p-values of the set drawn, or of each fold by its split folder's name."""
+        texts = [f"p_age {b.p_age:.3f}, p_sex {b.p_sex:.3f}" for b in self.balance]
+        return texts[0] if len(texts) == 1 else "; ".join(f"split-{i} {text}" for i, text in enumerate(texts))
+
 
 @dataclass
 class SplitResult:
@@ -63,7 +68,7 @@ class SplitResult:
 
 def subject_table(rows: pd.DataFrame, column: str, task: str, bins: int) -> pd.DataFrame:
     """One row per participant: stratum (baseline class or label bin), class for balance tests, age, sex."""
-    ordered = rows.sort_values(KEYS)
+    ordered = in_session_order(rows)
     first = ordered.groupby("participant_id", sort=True).first()
     subjects = pd.DataFrame(index=first.index)
     if task == "classification":
@@ -130,13 +135,19 @@ class _Comparison:
 def _welch(first: np.ndarray, second: np.ndarray) -> float | None:
     if len(first) < 2 or len(second) < 2:
         return None
-    v1, v2 = first.var(ddof=1) / len(first), second.var(ddof=1) / len(second)
+    v1, v2 = _variance(first) / len(first), _variance(second) / len(second)
     if v1 + v2 == 0:
         return None
     t = (first.mean() - second.mean()) / math.sqrt(v1 + v2)
     df = (v1 + v2) ** 2 / (v1**2 / (len(first) - 1) + v2**2 / (len(second) - 1))
     p = float(2 * special.stdtr(df, -abs(t)))
     return p if not math.isnan(p) else 1.0
+
+
+def _variance(ages: np.ndarray) -> float:
+    """Zero for equal ages: numpy gives 7.6e-29 for [57.3] * 3, enough to make a t statistic of rounding noise
+    and reject balanced draws."""
+    return 0.0 if ages.min() == ages.max() else float(ages.var(ddof=1))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -227,7 +238,7 @@ def make_split(rows: pd.DataFrame, column: str, task: str, settings: Split) -> S
             log.warning(
                 "%s: no draw in %d met p_age >= %.2f and p_sex >= %.2f; keeping the best one found (%s)",
                 each.name, each.attempts, settings.p_age, settings.p_sex,
-                ", ".join(f"p_age {b.p_age:.3f}, p_sex {b.p_sex:.3f}" for b in each.balance),
+                each.describe(),
             )
     return SplitResult(test, folds, draws)
 
@@ -236,9 +247,19 @@ def select(rows: pd.DataFrame, participants: list[str]) -> pd.DataFrame:
     return rows[rows.participant_id.isin(participants)].sort_values(KEYS).reset_index(drop=True)
 
 
+def in_session_order(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows by participant, then session in the order its label counts: numbers compare as numbers, so that
+    ses-2 comes before ses-10 as ses-M006 before ses-M012 (BIDS does not ask for zero padding)."""
+    def key(column: pd.Series) -> pd.Series:
+        if column.name != "session_id":
+            return column
+        return column.astype(str).str.replace(r"\d+", lambda number: number.group().zfill(12), regex=True)
+    return rows.sort_values(KEYS, key=key, kind="stable")
+
+
 def baseline(rows: pd.DataFrame) -> pd.DataFrame:
     """Each participant's first session."""
-    return rows.sort_values(KEYS).groupby("participant_id", sort=True).head(1).reset_index(drop=True)
+    return in_session_order(rows).groupby("participant_id", sort=True).head(1).reset_index(drop=True)
 
 
 def population(sets: dict[str, pd.DataFrame], column: str, task: str) -> pd.DataFrame:
