@@ -18,7 +18,9 @@ from PIL import Image
 
 from clinicadl_app.images import templates
 from clinicadl_app.layouts.caps import Caps, CapsImage
+from clinicadl_app.layouts.output import OutputLayout
 from clinicadl_app.participant.bids_validator import validator_command
+from clinicadl_app.participant.report import write_participant_report
 
 from .conftest import DEMO_SUBJECTS, ROOT, demo_scan, make_bids, run_app
 
@@ -150,6 +152,12 @@ def test_output_is_a_valid_bids_derivative(run_two_jobs):
     done = subprocess.run([validator_command(), str(out), "--format", "json"], capture_output=True, text=True)
     issues = json.loads(done.stdout)["issues"]["issues"]
     assert not [i for i in issues if i["severity"] == "error"], issues
+
+
+def test_a_report_lists_sessions_in_the_order_their_labels_count(tmp_path):
+    images = [CapsImage("sub-01", f"ses-{label}", f"sub-01_ses-{label}") for label in ("10", "2", "9", "1")]
+    page = write_participant_report(OutputLayout(tmp_path), Caps(tmp_path / "caps"), "sub-01", images).read_text()
+    assert re.findall(r"<h2>sub-01 (ses-\d+)</h2>", page) == ["ses-1", "ses-2", "ses-9", "ses-10"]
 
 
 def test_reports_show_each_session_with_its_figure(run_two_jobs):

@@ -22,7 +22,7 @@ from scipy import special, stats
 
 from clinicadl_app.core.config import Split
 from clinicadl_app.core.errors import UsageError
-from clinicadl_app.layouts.caps import KEYS
+from clinicadl_app.layouts.caps import KEYS, session_order
 
 log = logging.getLogger(__name__)
 
@@ -237,9 +237,7 @@ def make_split(rows: pd.DataFrame, column: str, task: str, settings: Split) -> S
         if not each.met:
             log.warning(
                 "%s: no draw in %d met p_age >= %.2f and p_sex >= %.2f; keeping the best one found (%s)",
-                each.name, each.attempts, settings.p_age, settings.p_sex,
-                each.describe(),
-            )
+                each.name, each.attempts, settings.p_age, settings.p_sex, each.describe())
     return SplitResult(test, folds, draws)
 
 
@@ -248,13 +246,9 @@ def select(rows: pd.DataFrame, participants: list[str]) -> pd.DataFrame:
 
 
 def in_session_order(rows: pd.DataFrame) -> pd.DataFrame:
-    """Rows by participant, then session in the order its label counts: numbers compare as numbers, so that
-    ses-2 comes before ses-10 as ses-M006 before ses-M012 (BIDS does not ask for zero padding)."""
-    def key(column: pd.Series) -> pd.Series:
-        if column.name != "session_id":
-            return column
-        return column.astype(str).str.replace(r"\d+", lambda number: number.group().zfill(12), regex=True)
-    return rows.sort_values(KEYS, key=key, kind="stable")
+    """Rows by participant, then session (caps.session_order: ses-9 before ses-10)."""
+    return rows.sort_values(KEYS, key=lambda column: column.astype(str).map(session_order)
+                            if column.name == "session_id" else column, kind="stable")
 
 
 def baseline(rows: pd.DataFrame) -> pd.DataFrame:

@@ -32,6 +32,12 @@ _SLICE_AXES = {0: "sag", 1: "cor", 2: "axi"}
 _MASK = re.compile(rf"^tpl-{TEMPLATE}_(desc-Crop_)?res-1x1x1_roi-([A-Za-z0-9]+)_mask\.nii(\.gz)?$")
 
 
+def session_order(session_id: str) -> str:
+    """A sort key that counts the numbers of a session label as numbers (ses-9 before ses-10, ses-M6 before
+    ses-M12): BIDS does not pad them, and a participant's first session must come first."""
+    return re.sub(r"\d+", lambda number: number.group().zfill(12), session_id)
+
+
 @dataclass(frozen=True, order=True)
 class CapsImage:
     """One session's t1-linear image in a CAPS."""

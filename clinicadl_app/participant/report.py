@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from clinicadl_app.core.atomic import write_text
-from clinicadl_app.layouts.caps import Caps, CapsImage
+from clinicadl_app.layouts.caps import Caps, CapsImage, session_order
 from clinicadl_app.layouts.output import OutputLayout
 
 _STYLE = """
@@ -26,7 +26,8 @@ img{max-width:100%;border:1px solid #333} .note{color:#555;font-size:.9em}
 
 def write_participant_report(layout: OutputLayout, caps: Caps, participant_id: str, images: list[CapsImage]) -> Path:
     out = layout.participant_report(participant_id)
-    sections = [_session(layout, caps, image, out.parent) for image in sorted(images)]
+    sections = [_session(layout, caps, image, out.parent) for image in sorted(
+        images, key=lambda image: (session_order(image.session_id), image.prefix))]
     page = (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{participant_id} - clinicadl-app QC</title>"
         f"<style>{_STYLE}</style></head><body><h1>{participant_id}: t1-linear quality check</h1>"
