@@ -70,6 +70,9 @@ def test_a_search_space_round_trips_through_the_saved_config(tmp_path):
         (["subject"], ExitCode.UNKNOWN_LEVEL, "unknown analysis level"),
         (["participant", "--verbose", "--quiet"], ExitCode.USAGE, "--quiet"),
         (["participant", "--discarded_slices", "1", "2", "3"], ExitCode.USAGE, "discarded_slices"),
+        # a class value with a slash ("MCI/AD" in participants.tsv) made a nested splits folder and MAPS name
+        (["group", "--column", "dx", "--values", "MCI/AD", "CN"], ExitCode.USAGE, "'dx_MCI/AD_CN', which is not one"),
+        (["group", "--column", "dx/bl"], ExitCode.USAGE, "give the splits a --name"),
     ],
 )
 def test_usage_errors_are_one_line_with_their_exit_code(tmp_path, capsys, argv, code, fragment):

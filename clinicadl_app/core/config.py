@@ -124,8 +124,7 @@ class Extraction:
 
     @property
     def discard(self) -> tuple[int, int]:
-        first = self.discarded_slices[0]
-        return first, self.discarded_slices[-1]
+        return self.discarded_slices[0], self.discarded_slices[-1]
 
 
 @dataclass(frozen=True)
@@ -150,6 +149,9 @@ class Labels:
             raise ValueError("--name may contain only letters, digits, '-' and '_'")
         if self.task == "regression" and self.values:
             raise ValueError("--values only applies to classification")
+        if "/" in self.folder or "\\" in self.folder or self.folder.startswith("."):  # --name is checked above
+            raise ValueError(f"the column and classes make the folder name '{self.folder}', which is not one "
+                             "folder: give the splits a --name (letters, digits, '-' and '_')")
 
     @property
     def folder(self) -> str:
