@@ -282,6 +282,21 @@ def test_deterministic_runs_and_kill_resume_give_identical_weights(trivial4, tmp
     log_c = pd.read_csv(c / "split-0" / "training_logs" / "training.tsv", sep="\t")[columns]
     pd.testing.assert_frame_equal(log_a, log_c)
 
+    # a complete fold is skipped by a rerun, and trained again from scratch with --overwrite, without what its old
+    # weights predicted
+    skipped = group(trivial4, out, *args, stages=("train",))
+    assert skipped.returncode == 0 and "split-0: already trained; skipping" in skipped.stderr, skipped.stderr
+    stale = c / "split-0" / "best-loss" / "test" / "test_image_level_prediction.tsv"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("made by the old weights\n")
+    again = group(trivial4, out, *args, "--overwrite", stages=("train",))
+    assert again.returncode == 0 and "split-0: training again (--overwrite)" in again.stderr, again.stderr
+    assert "resuming" not in again.stderr and not stale.exists()
+    for name, tensor in _weights(a / "split-0" / "best-loss" / "model.pth.tar").items():
+        assert torch.equal(tensor, _weights(c / "split-0" / "best-loss" / "model.pth.tar")[name]), name
+    pd.testing.assert_frame_equal(log_a, pd.read_csv(c / "split-0" / "training_logs" / "training.tsv",
+                                                     sep="\t")[columns])
+
 
 def test_transfer_learning(trivial4, tmp_path):
     source_out = tmp_path / "source"

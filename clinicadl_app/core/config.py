@@ -48,7 +48,7 @@ class Execution:
     caps_dir: Path | None = option(
         None, "CAPS to read t1-linear images from and write tensors to (default: OUTPUT_DIR/caps)"
     )
-    overwrite: bool = option(False, "redo subjects whose outputs are already complete")
+    overwrite: bool = option(False, "redo what is complete: sessions (participant level), folds (group level)")
     stages: tuple[Stage, ...] = option(STAGES, "group level: the stages to run, in this order (search: "
                                        "see [search]; export: see [export])", metavar="STAGE")
     reproduce: Path | None = option(

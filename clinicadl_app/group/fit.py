@@ -104,8 +104,14 @@ def train_maps(config: Config, folder: SplitFolder, maps: Maps,
     world.barrier()  # the others read nothing the main process writes before this point
     for data in prepared:
         if world.broadcast(fold_complete(maps, data.fold, selection_metrics(config, data.task))):
-            log.info("split-%d: already trained; skipping (remove the fold folder to train it again)", data.fold)
-            continue
+            if not config.execution.overwrite:
+                log.info("split-%d: already trained; skipping (--overwrite trains it again)", data.fold)
+                continue
+            if world.main:  # what the old weights predicted and explained must not outlive them
+                log.warning("split-%d: training again (--overwrite); its models, predictions and maps are removed "
+                            "first", data.fold)
+                shutil.rmtree(maps.fold_dir(data.fold))
+            world.barrier()
         train_fold(config, maps, data, transfer, report, world)
     if world.main:
         write_model_card(maps, config.export.card_fingerprints)  # the report stage writes it again with test metrics
