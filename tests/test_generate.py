@@ -100,6 +100,7 @@ def test_a_2d_network_learns_shepplogan_through_the_default_group_run(tmp_path):
     assert "no content signature" in done.stderr, "2D phantoms are not compared by content (they share an outline)"
     assert list((maps / "split-0" / "best-loss" / "test" / "interpret-gradients").glob("*_mode-slice_*_mean.nii.gz"))
     assert (maps / "report.html").is_file()
+    assert "report.html (results)" in done.stderr and "quality-check pages" not in done.stderr  # none were made
 
 
 @pytest.mark.slow

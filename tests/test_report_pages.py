@@ -10,6 +10,7 @@ from matplotlib.colors import to_rgb
 from clinicadl_app.core.figures import pyplot
 from clinicadl_app.group import model_card
 from clinicadl_app.group.stages.report import draw_confusion_matrix, learning_curve_figure
+from clinicadl_app.layouts.output import OutputLayout
 
 
 def _luminance(colour) -> float:
@@ -67,3 +68,15 @@ def test_the_model_card_says_what_the_record_says():
     task, data = " ".join(model_card._task(record)), " ".join(model_card._data(record, None))
     assert "cropped, 169x208x179" in task and "uncropped" not in task and "5 epochs at most" in task
     assert "no test set, 3 folds," in data
+
+
+def test_the_closing_line_names_quality_check_pages_only_where_they_are(tmp_path):
+    """The group level's last line pointed at OUTPUT_DIR/reports/sub-*.html even for a CAPS made elsewhere."""
+    out, other = OutputLayout(tmp_path / "out"), OutputLayout(tmp_path / "other")
+    assert out.qc_pages(tmp_path / "out" / "caps") is None  # a generated CAPS: no page anywhere
+    (other.reports_dir).mkdir(parents=True)
+    (other.reports_dir / "sub-01.html").write_text("<html></html>")
+    assert out.qc_pages(tmp_path / "other" / "caps") == other.reports_dir / "sub-*.html"
+    out.reports_dir.mkdir(parents=True)
+    (out.reports_dir / "sub-02.html").write_text("<html></html>")
+    assert out.qc_pages(tmp_path / "out" / "caps") == out.reports_dir / "sub-*.html"

@@ -154,7 +154,8 @@ def run_stages(config: Config, world: World | None = None) -> ExitCode:
         from clinicadl_app.group.stages.report import run_report
 
         report = run_report(config, layout.maps_dir)
-        log.info("open %s (results); participant quality-check pages: %s", report, layout.reports_dir / "sub-*.html")
+        pages = layout.qc_pages(config.caps_dir)
+        log.info("open %s (results)%s", report, f"; participant quality-check pages: {pages}" if pages else "")
     if "export" in stages:
         from clinicadl_app.group.stages.export import run_export
 

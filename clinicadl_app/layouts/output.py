@@ -46,6 +46,14 @@ class OutputLayout:
     def reports_dir(self) -> Path:
         return self.root / "reports"
 
+    def qc_pages(self, caps_dir: Path) -> Path | None:
+        """The pattern of the QC pages of a CAPS's participants: in this folder, or beside a CAPS that another
+        run's participant level made; None when there are none (a CAPS from Clinica or from generate)."""
+        for reports in (self.reports_dir, OutputLayout(caps_dir.parent).reports_dir):
+            if any(reports.glob("sub-*.html")):
+                return reports / "sub-*.html"
+        return None
+
     def participant_report(self, participant_id: str) -> Path:
         return self.reports_dir / f"{participant_id}.html"
 
