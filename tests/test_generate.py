@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -22,13 +23,16 @@ def _hashes(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != "generate.json"}
 
 
-@pytest.mark.parametrize("kind", ["trivial", "random", "shepplogan"])
+@pytest.mark.parametrize("kind", ["trivial", "trivial --sessions", "random", "shepplogan"])
 def test_the_same_seed_gives_byte_identical_data_and_another_seed_other_data(kind, tmp_path):
     sources = subset_caps(tmp_path / "sources", source_brains()[0][:2])
 
     def make(seed: int, name: str) -> Path:
         out = tmp_path / name
-        if kind == "trivial":
+        if kind == "trivial --sessions":  # 1 to 3 sessions per subject, through the command line
+            assert generate_main(["trivial", str(sources.root), str(out), "--n_subjects", "4", "--downsample", "2",
+                                  "--seed", str(seed), "--sessions", "3"]) == 0
+        elif kind == "trivial":
             generate_trivial(sources, out, Trivial(n_subjects=4, seed=seed, downsample=2))
         elif kind == "random":
             generate_random(sources, out, Noise(n_subjects=4, seed=seed, downsample=2))
@@ -41,7 +45,10 @@ def test_the_same_seed_gives_byte_identical_data_and_another_seed_other_data(kin
     changed = {k for k, v in _hashes(first).items() if _hashes(other).get(k) != v}
     assert any(k.endswith(".nii.gz") for k in changed), "another seed draws other images"
     record = json.loads((first / "generate.json").read_text())
-    assert record[kind]["seed"] == 1
+    assert record[kind.split()[0]]["seed"] == 1
+    if kind == "trivial --sessions":
+        sessions = Counter(p.name for p in (first / "caps" / "subjects").glob("sub-*/ses-*"))
+        assert record["trivial"]["sessions"] == 3 and sessions["ses-M000"] == 4 and sessions.total() > 4
     participants = pd.read_csv(first / "bids" / "participants.tsv", sep="\t")
     assert {"participant_id", "diagnosis", "age", "sex"} <= set(participants)
     assert participants.age.between(55, 80).all() and set(participants.sex) <= {"F", "M"}

@@ -255,6 +255,38 @@ def test_failed_qc_is_dropped_by_labels_and_marked_by_predict(trained, data, tmp
     assert set(marks.values()) == {"True"}, marks
 
 
+def test_follow_up_sessions_stay_with_their_subject_from_split_to_prediction(tmp_path):
+    """1 to 3 sessions per subject (follow-up scans of its brain): every set holds all the sessions of its
+    participants, training and prediction use every session, and counts tell participants from images."""
+    root = tmp_path / "data"
+    generate_trivial(subset_caps(tmp_path / "sources", source_brains()[0]), root,
+                     Trivial(n_subjects=24, seed=3, downsample=2, sessions=3))
+    (tmp_path / "experiment.toml").write_text(EXPERIMENT)
+    out = tmp_path / "out"
+    done = run_app(root / "bids", out, "group", "--caps_dir", root / "caps", "--config", tmp_path / "experiment.toml")
+    assert done.returncode == 0, done.stderr
+    images, _ = Caps(root / "caps").index()
+    sessions = pd.Series([i.participant_id for i in images]).value_counts()
+    assert sessions.max() == 3 and sessions.min() == 1 and len(images) > 1.5 * len(sessions)
+
+    folder = SplitFolder(out / "splits" / "diagnosis")
+    keys = lambda path: set(map(tuple, pd.read_csv(path, sep="\t")[["participant_id", "session_id"]].values))  # noqa: E731
+    test = keys(folder.set_file("test"))
+    (maps,) = (out / "maps").iterdir()
+    for fold in range(3):
+        train, validation = keys(folder.set_file("train", fold)), keys(folder.set_file("validation", fold))
+        sides = [{p for p, _ in side} for side in (test, train, validation)]
+        assert not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2]), "a subject on two sides"
+        for side, members in zip((test, train, validation), sides, strict=True):
+            assert len(side) == sessions[sorted(members)].sum(), "each set holds every session of its participants"
+        assert keys(maps / "groups" / "train" / f"split-{fold}" / "data.tsv") == train
+        prediction = maps / f"split-{fold}" / "best-loss" / "test" / "test_image_level_prediction.tsv"
+        assert keys(prediction) == test
+    population = pd.read_csv(folder.root / "population.tsv", sep="\t").groupby("set")[["participants", "sessions"]].sum()
+    assert population.loc["test", "participants"] == len({p for p, _ in test})
+    assert population.loc["test", "sessions"] == len(test) > population.loc["test", "participants"]
+
+
 def test_a_redrawn_split_binds_the_maps_until_retrained(data, tmp_path):
     """labels split train (3 folds), a split redrawn with 2 folds and --overwrite: training into the old MAPS
     and predicting with it are refused; --overwrite retrains on the new draw, which predict then accepts."""

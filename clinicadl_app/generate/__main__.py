@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
         else:
             sub.add_argument("--atrophy", type=float, default=0.6, help="fraction of intensity removed")
             sub.add_argument("--prefix", default="TRIV", help="participant labels are sub-<prefix><number>")
+            sub.add_argument("--sessions", type=int, default=1,
+                             help="above 1: each subject has 1 to this many sessions (follow-up scans)")
     sub = kinds.add_parser("shepplogan", help="2D Shepp-Logan phantoms, CN and AD subtypes")
     sub.add_argument("output", type=Path)
     sub.add_argument("--n_subjects", "--n-subjects", type=int, default=40, help="per class")
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             table = generate.generate_trivial(Caps(args.source_caps), args.output, generate.Trivial(
                 args.n_subjects, args.atrophy, args.downsample, args.seed, continuous=args.kind == "atrophy",
-                prefix=args.prefix))
+                prefix=args.prefix, sessions=args.sessions))
     except AppError as error:
         print(f"clinicadl-app generate: error: {error.message}", file=sys.stderr)
         return int(error.exit_code)

@@ -21,8 +21,8 @@ def demographics(rng: np.random.Generator) -> dict[str, object]:
     return {"age": round(float(rng.uniform(55, 80)), 1), "sex": str(rng.choice(["F", "M"]))}
 
 
-def session(participant_id: str) -> CapsImage:
-    return CapsImage(participant_id, "ses-M000", f"{participant_id}_ses-M000")
+def session(participant_id: str, session_id: str = "ses-M000") -> CapsImage:
+    return CapsImage(participant_id, session_id, f"{participant_id}_{session_id}")
 
 
 def source_image(path: Path, downsample: int) -> tuple[np.ndarray, np.ndarray]:

@@ -49,6 +49,9 @@ class Trivial:
     """Regression variant: a random atrophy fraction of the left hemisphere instead of two classes."""
     prefix: str = "TRIV"
     """Participant labels are sub-<prefix><number>."""
+    sessions: int = 1
+    """Above 1, each subject has 1 to this many sessions (ses-M000, ses-M012, ...): follow-up scans of its brain,
+    each with its own intensity scaling and noise, so that longitudinal data meet the group level."""
 
 
 def hemisphere(shape: tuple[int, ...], affine: np.ndarray, side: str) -> np.ndarray:
@@ -80,15 +83,23 @@ def generate_trivial(source: Caps, output: Path, settings: Trivial) -> pd.DataFr
         amount = float(rng.uniform(0, settings.atrophy)) if settings.continuous else settings.atrophy
         region = brain_mask(data.shape, affine) & hemisphere(data.shape, affine, side)
         region = ndimage.gaussian_filter(region.astype(np.float32), 1.0)
-        scale = float(rng.uniform(0.9, 1.1))
-        noisy = data * scale * (1 - amount * region)
-        noisy = noisy + rng.normal(0, 0.01 * float(np.percentile(data, 99)), data.shape).astype(np.float32)
         participant_id = f"sub-{settings.prefix}{i:03d}"
-        save_image(caps, session(participant_id), np.clip(noisy, 0, None), affine)
+        save_image(caps, session(participant_id), _scan(data, amount * region, rng), affine)
         rows.append({"participant_id": participant_id, "diagnosis": label, "atrophy": round(amount, 4),
                      **demographics(rng), "source": f"{images[index].participant_id}_{images[index].session_id}"})
+        follow_ups = int(rng.integers(0, settings.sessions)) if settings.sessions > 1 else 0
+        for year in range(1, follow_ups + 1):
+            save_image(caps, session(participant_id, f"ses-M{12 * year:03d}"), _scan(data, amount * region, rng),
+                       affine)
     write_masks(caps, *loaded[0])
     return finish(output, caps, "atrophy" if settings.continuous else "trivial", settings, rows, str(source.root))
+
+
+def _scan(data: np.ndarray, loss: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One scan of a brain with `loss` (a fraction per voxel) removed: its own intensity scaling and noise."""
+    noisy = data * float(rng.uniform(0.9, 1.1)) * (1 - loss)
+    noisy = noisy + rng.normal(0, 0.01 * float(np.percentile(data, 99)), data.shape).astype(np.float32)
+    return np.clip(noisy, 0, None)
 
 
 def write_masks(caps: Caps, data: np.ndarray, affine: np.ndarray) -> None:
