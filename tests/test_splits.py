@@ -317,6 +317,14 @@ def test_missing_column_and_absent_value(dataset, tmp_path):
     assert absent.returncode == ExitCode.USAGE and "FTD" in absent.stderr
 
 
+def test_a_numeric_column_taken_as_classes_says_how_to_regress(dataset, tmp_path):
+    bids, caps, _ = dataset
+    done = group(bids, caps, tmp_path, "--column", "age", "--n_splits", "0", "--n_test", "0")
+    assert "column 'age' holds" in done.stderr and "give --task regression" in done.stderr
+    regression = group(bids, caps, tmp_path / "r", "--column", "age", "--task", "regression", "--n_splits", "0")
+    assert regression.returncode == 0 and "give --task regression" not in regression.stderr, regression.stderr
+
+
 def test_too_few_subjects_for_the_folds(dataset, tmp_path):
     bids, caps, _ = dataset
     done = group(bids, caps, tmp_path, "--column", "diagnosis", "--values", "AD", "pMCI", "--n_splits", "10")

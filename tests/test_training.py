@@ -366,7 +366,9 @@ def test_bad_input_fails_before_the_first_epoch(trivial4, tmp_path):
     assert not_resnet.returncode == ExitCode.USAGE and "resnet18 only" in not_resnet.stderr
     layer = group(trivial4, tmp_path / "h", "--layer", "5", stages=("labels", "split", "train", "interpret"))
     assert layer.returncode == ExitCode.USAGE and "--layer 5: the network has 5 convolution" in layer.stderr
-    for refused in (metric_name, too_large, no_file, not_resnet, layer):
+    words = group(trivial4, tmp_path / "i", "--network_task", "regression")  # classes are no numbers to regress on
+    assert words.returncode == ExitCode.USAGE and "column 'diagnosis' holds AD, CN: a regression" in words.stderr
+    for refused in (metric_name, too_large, no_file, not_resnet, layer, words):
         errors = [line for line in refused.stderr.splitlines() if "error" in line.lower()]
         assert "Traceback" not in refused.stderr and errors == refused.stderr.splitlines()[-1:], refused.stderr
     assert not list(tmp_path.glob("*/maps/*/split-*"))

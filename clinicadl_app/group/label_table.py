@@ -216,6 +216,9 @@ def build_labels(bids_dir: Path, caps: Caps, settings: Labels, every_class: bool
             dropped += [(p, s, f"value '{v}' not in [labels] values")
                         for p, s, v in table.loc[outside, [*KEYS, column]].itertuples(index=False)]
             table = table[~outside]
+        elif table[column].nunique() > 10 and pd.to_numeric(table[column], errors="coerce").notna().all():
+            log.warning("column '%s' holds %d different numbers, each taken as a class; to predict it as a number, "
+                        "give --task regression", column, table[column].nunique())
     else:
         numeric = pd.to_numeric(table[column], errors="coerce")
         bad = numeric.isna()

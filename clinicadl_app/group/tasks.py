@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from clinicadl_app.core.errors import UsageError
 from clinicadl_app.group import metrics as M
 from clinicadl_app.layouts.caps import KEYS
 
@@ -157,6 +158,10 @@ def make_task(name: str, labels: pd.DataFrame, column: str, loss: str, class_wei
             weights = [float(len(labels) / (len(classes) * counts.get(c, 1))) for c in classes]
         return Classification(classes, loss or "CrossEntropyLoss", weights)
     if name == "regression":
-        values = labels[column].astype(float)
+        values = pd.to_numeric(labels[column], errors="coerce")
+        if values.isna().any():
+            words = ", ".join(sorted(set(labels[column][values.isna()].astype(str)))[:5])
+            raise UsageError(f"column '{column}' holds {words}: a regression network needs numbers; train a "
+                             "classifier ([train] network_task), or choose a numeric column")
         return Regression(loss or "MSELoss", float(values.mean()), float(values.std() or 1.0))
     return Reconstruction(loss or "MSELoss")
