@@ -368,7 +368,13 @@ def test_bad_input_fails_before_the_first_epoch(trivial4, tmp_path):
     assert layer.returncode == ExitCode.USAGE and "--layer 5: the network has 5 convolution" in layer.stderr
     words = group(trivial4, tmp_path / "i", "--network_task", "regression")  # classes are no numbers to regress on
     assert words.returncode == ExitCode.USAGE and "column 'diagnosis' holds AD, CN: a regression" in words.stderr
-    for refused in (metric_name, too_large, no_file, not_resnet, layer, words):
+    regression = tmp_path / "regression.toml"
+    regression.write_text(EXPERIMENT.replace('values = ["AD", "CN"]', "").replace('"diagnosis"', '"age"')
+                          .replace("[labels]", '[labels]\ntask = "regression"'))
+    numbers = run_app(trivial4 / "bids", tmp_path / "j", "group", "--caps_dir", trivial4 / "caps", "--config",
+                      regression, "--stages", "labels", "split", "train", "--network_task", "classification")
+    assert numbers.returncode == ExitCode.USAGE and "'age' is a regression label" in numbers.stderr, numbers.stderr
+    for refused in (metric_name, too_large, no_file, not_resnet, layer, words, numbers):
         errors = [line for line in refused.stderr.splitlines() if "error" in line.lower()]
         assert "Traceback" not in refused.stderr and errors == refused.stderr.splitlines()[-1:], refused.stderr
     assert not list(tmp_path.glob("*/maps/*/split-*"))

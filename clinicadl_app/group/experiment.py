@@ -51,10 +51,14 @@ def selection_metrics(config: Config, task: Task) -> tuple[str, ...]:
     return config.train.selection_metrics or task.default_selection()
 
 
-def check_selection_metrics(config: Config) -> None:
-    """A metric the task does not compute would select no model: refused before anything is trained, not
-    found missing by the predict stage after training."""
+def check_task_settings(config: Config) -> None:
+    """A metric the task does not compute would select no model, and a classifier of a regression label would
+    take each number for a class: refused before anything is trained, not found out by a later stage."""
     task = network_task(config)
+    if task == "classification" and config.labels.task == "regression":
+        raise UsageError(f"[train] network_task classification: column '{config.labels.column}' is a regression "
+                         "label, each of whose numbers would be a class; train a regression network, or label "
+                         "classes ([labels] task classification)")
     unknown = [metric for metric in config.train.selection_metrics if metric not in metric_names(task)]
     if unknown:
         raise UsageError(f"[train] selection_metrics {', '.join(unknown)}: not a validation metric of {task}; use "

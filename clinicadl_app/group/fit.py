@@ -31,7 +31,7 @@ from clinicadl_app.group.attribution import grad_cam_layer
 from clinicadl_app.group.data import ImageStore, PartDataset, image_paths, part_spec
 from clinicadl_app.group.evaluation import Evaluator
 from clinicadl_app.group.experiment import (
-    check_selection_metrics,
+    check_task_settings,
     experiment_name,
     network_task,
     select_rows,
@@ -74,7 +74,7 @@ def train_maps(config: Config, folder: SplitFolder, maps: Maps,
     The test set is read only to check a transfer source against it. With several processes (`world`), every
     one prepares and trains; only the main one writes."""
     world = world or World()
-    check_selection_metrics(config)
+    check_task_settings(config)
     settings = config.train
     caps = Caps(config.caps_dir)
     available = folder.folds()

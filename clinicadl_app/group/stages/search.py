@@ -29,7 +29,7 @@ import tomli_w
 from clinicadl_app.core.atomic import lock, write_json, write_text, write_tsv
 from clinicadl_app.core.config import Config, plain
 from clinicadl_app.core.errors import AppError, UsageError
-from clinicadl_app.group.experiment import check_selection_metrics, network_task
+from clinicadl_app.group.experiment import check_task_settings, network_task
 from clinicadl_app.group.fit import train_maps
 from clinicadl_app.group.metrics import LOWER_IS_BETTER
 from clinicadl_app.group.metrics import names as metric_names
@@ -52,7 +52,7 @@ def run_search(config: Config, splits_dir: Path, search_dir: Path) -> SearchFold
     if objective not in metric_names(task):
         raise UsageError(f"[search] objective {objective}: not a validation metric of {task}; use one of "
                          + ", ".join(sorted(metric_names(task))))
-    check_selection_metrics(config)
+    check_task_settings(config)
     folder = SplitFolder(splits_dir / config.labels.folder)
     if not folder.record.is_file():
         raise UsageError(f"{folder.root}: no split yet; run the labels and split stages first")
