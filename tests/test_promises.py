@@ -102,7 +102,8 @@ def test_the_maps_records_the_command_and_the_report_shows_it(trained):
         assert section in card
     assert "| test | best-loss | 0 | " in card and "classify `diagnosis` into AD, CN" in card
     assert "test set of 25 % of the participants, 3 folds," in card and "1 epoch at most" in card
-    assert "cropped, 169x208x179" in card and "uncropped" not in card
+    grid = "x".join(map(str, record["image_size"][1:]))  # 4 mm images: the card says so, not the 1 mm grid
+    assert f"MNI152NLin2009cSym, resampled, {grid})" in card and "169x208x179" not in card
     assert record["command_line"] in card and "sub-" not in card, "counts, never participant names"
 
 
@@ -388,6 +389,13 @@ def test_the_default_group_run_completes_for_every_mode_and_task(case, extra, da
         return
     assert test_metrics.is_file() and len(pd.read_csv(test_metrics, sep="\t")) == 1
     mode = "patch" if case == "reconstruction-patch" else "roi" if case == "roi" else "image"
+    if case == "reconstruction-patch":  # 4 mm images would be cut into other patches (before: predicted anyway)
+        coarse = run_app(data / "data" / "bids", tmp_path / "out", "group", "--caps_dir", data / "data" / "caps",
+                         "--config", tmp_path / "experiment.toml", *extra, "--stages", "predict", "--group_name",
+                         "coarse", "--maps_dir", maps, "--skip_label_check")  # same names, other brains
+        assert coarse.returncode == ExitCode.USAGE, coarse.stderr
+        assert "images of shape (42, 52, 45), the MAPS was trained on images of shape (84, 104, 90)" in coarse.stderr
+        assert not (maps / "groups" / "coarse").exists(), "a refused group leaves no record"
     if case.startswith("reconstruction"):
         folder = maps / "split-0" / "best-loss" / "test" / "interpret-reconstruction-error"
         (error,) = folder.glob(f"group-test_label-all_mode-{mode}_desc-reconstruction-error_mean.nii.gz")

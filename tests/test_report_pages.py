@@ -68,6 +68,10 @@ def test_the_model_card_says_what_the_record_says():
     task, data = " ".join(model_card._task(record)), " ".join(model_card._data(record, None))
     assert "cropped, 169x208x179" in task and "uncropped" not in task and "5 epochs at most" in task
     assert "no test set, 3 folds," in data
+    record["image_size"] = [1, 85, 104, 90]  # as maps.json records it: generated or downsampled images say so
+    assert "(MNI152NLin2009cSym, resampled, 85x104x90)" in " ".join(model_card._task(record))
+    record["extraction"]["use_uncropped_image"], record["image_size"] = True, [1, 169, 208, 179]
+    assert "(MNI152NLin2009cSym, 1 mm, cropped, 169x208x179)" in " ".join(model_card._task(record))
 
 
 def test_the_closing_line_names_quality_check_pages_only_where_they_are(tmp_path):

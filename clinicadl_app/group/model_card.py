@@ -38,18 +38,24 @@ def _held_out(name: str, amount: float | None) -> str:
     return f"{name} set of {amount * 100:g} % of the participants"
 
 
+def _grid(record: dict) -> str:
+    """The images' grid as recorded; a MAPS that records no image size was trained on the 1 mm grid that its
+    extraction names."""
+    uncropped = (record.get("extraction") or {}).get("use_uncropped_image", False)
+    size = record.get("image_size", [1, 193, 229, 193] if uncropped else [1, 169, 208, 179])[1:]
+    known = {(169, 208, 179): "1 mm, cropped", (193, 229, 193): "1 mm, uncropped"}
+    return f"MNI152NLin2009cSym, {known.get(tuple(size), 'resampled')}, {'x'.join(map(str, size))}"
+
+
 def _task(record: dict) -> list[str]:
     train = record["train"]
     task = record["task"]
     what = {"classification": f"classify `{record['label']}` into {', '.join(record.get('classes') or [])}",
             "regression": f"predict `{record['label']}` (a number)",
             "reconstruction": "reconstruct the input image (autoencoder)"}[task]
-    uncropped = (record.get("extraction") or {}).get("use_uncropped_image", False)
-    grid = "uncropped, 193x229x193" if uncropped else "cropped, 169x208x179"
     return [f"- **Task**: {what}.",
             f"- **Input**: {record['mode']} mode, {'x'.join(map(str, record['input_size']))} per input "
-            f"({_count(record.get('parts', 1), 'part')} per image), t1-linear images (MNI152NLin2009cSym, 1 mm, "
-            f"{grid}).",
+            f"({_count(record.get('parts', 1), 'part')} per image), t1-linear images ({_grid(record)}).",
             f"- **Network**: {train['architecture']}, {_count(train['epochs'], 'epoch')} at most, batch "
             f"{train['batch_size']}, "
             f"{train['optimizer']} at learning rate {train['learning_rate']}, seed {record['seed']}; selected per "

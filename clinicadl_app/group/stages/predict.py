@@ -134,17 +134,13 @@ def run_predict(config: Config, maps_dir: Path) -> Maps | None:
     leak_check = "passed" if not found else "skipped by request: " + "; ".join(found.labels + found.content)
     if found:
         log.warning("leakage check waived on request: %s", "; ".join(found.labels + found.content))
-    _record_group(maps, rows, settings.group_name, origin, leak_check, checks, caps, config)
-
     train = section_from(Train, record["train"])
     extraction = section_from(Extraction, record["extraction_settings"])
-    device = Device.choose(train)
     paths = image_paths(caps, rows, extraction)
-    store = ImageStore(paths)
-    shape = store.validate()
-    if list(shape) != list(record["input_size"])[-len(shape):] and train.mode == "image":
-        raise UsageError(f"{caps.root}: images of shape {shape[1:]}, the MAPS was trained on {record['input_size']}")
-    spec = part_spec(train.mode, shape[1:], extraction, caps)
+    spec = _part_spec(record, train, extraction, caps, ImageStore(paths).validate())
+    _record_group(maps, rows, settings.group_name, origin, leak_check, checks, caps, config)
+    device = Device.choose(train)
+
     quality = _quality(caps, rows)
     for fold in maps.folds():
         task = task_from_record(json.loads(maps.group_record("train", fold).read_text())["task"])
@@ -181,6 +177,20 @@ def run_predict(config: Config, maps_dir: Path) -> Maps | None:
                      ", ".join(f"{k} {v:.3f}" for k, v in result.image_metrics.items() if k in ("BA", "MAE", "loss"))
                      or "no labels")
     return maps
+
+
+def _part_spec(record: dict, train: Train, extraction: Extraction, caps: Caps, shape: tuple[int, ...]):
+    """How the group's images are cut, refused unless they are those the MAPS was trained on: parts of another
+    grid would be other parts, or more or fewer (a MAPS without `image_size` is checked on its part count)."""
+    trained_on = record.get("image_size") or (record["input_size"] if train.mode == "image" else None)
+    if trained_on and list(shape) != list(trained_on):
+        raise UsageError(f"{caps.root}: images of shape {tuple(shape[1:])}, the MAPS was trained on images of shape "
+                         f"{tuple(trained_on[1:])}; preprocess them as its training images were")
+    spec = part_spec(train.mode, shape[1:], extraction, caps)
+    if len(spec) != record.get("parts", len(spec)):
+        raise UsageError(f"{caps.root}: images of shape {tuple(shape[1:])} give {len(spec)} parts ({train.mode}), "
+                         f"the MAPS was trained on {record['parts']}; preprocess them as its training images were")
+    return spec
 
 
 def _targets(task, labels: pd.Series, scored: bool) -> list[torch.Tensor]:
