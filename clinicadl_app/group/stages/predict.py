@@ -140,7 +140,6 @@ def run_predict(config: Config, maps_dir: Path) -> Maps | None:
     spec = _part_spec(record, train, extraction, caps, ImageStore(paths).validate())
     _record_group(maps, rows, settings.group_name, origin, leak_check, checks, caps, config)
     device = Device.choose(train)
-
     quality = _quality(caps, rows)
     for fold in maps.folds():
         task = task_from_record(json.loads(maps.group_record("train", fold).read_text())["task"])
