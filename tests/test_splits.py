@@ -18,6 +18,7 @@ from scipy import stats
 from clinicadl_app.core.config import Split
 from clinicadl_app.core.errors import ExitCode, UsageError
 from clinicadl_app.group.splitting import baseline, make_split, subject_table
+from clinicadl_app.layouts.splits import SplitFolder
 
 from .conftest import run_app
 from .group_data import make_longitudinal
@@ -139,6 +140,29 @@ def test_existing_split_is_sealed(dataset, split_dir):
     assert changed.returncode == ExitCode.USAGE and "already exists" in changed.stderr
     same = run_split(dataset, out)
     assert same.returncode == 0
+
+
+def test_a_sealed_split_is_kept_not_drawn_again(dataset, split_dir, tmp_path):
+    """A rerun with the same settings and labels keeps the files: a version that draws otherwise (as this one
+    orders sessions otherwise than the last) must not move a sealed split's subjects and orphan its models."""
+    out = tmp_path / "out"
+    shutil.copytree(split_dir.parents[1], out)
+    folder = SplitFolder(out / "splits" / split_dir.name)
+    test, validation = read(folder.set_file("test")), read(folder.set_file("validation", 0))
+    one, other = test.participant_id.iloc[0], validation.participant_id.iloc[0]
+    for path in folder.root.rglob("*.tsv"):  # as an older version might have drawn it: the two swap sets
+        if path.name not in ("labels.tsv", "dropped.tsv", "population.tsv"):
+            path.write_text(path.read_text().replace(one, "SWAP").replace(other, one).replace("SWAP", other))
+    record = json.loads(folder.record.read_text())
+    record["membership_sha256"] = folder.membership_sha256()
+    folder.record.write_text(json.dumps(record))
+    before = {p: p.read_bytes() for p in folder.root.rglob("*.tsv")}
+    kept = run_split(dataset, out)
+    assert kept.returncode == 0 and "split: kept as drawn" in kept.stderr, kept.stderr
+    assert {p: p.read_bytes() for p in folder.root.rglob("*.tsv")} == before
+    assert other in read(folder.set_file("test")).participant_id.values
+    redrawn = run_split(dataset, out, "--overwrite")
+    assert redrawn.returncode == 0 and one in read(folder.set_file("test")).participant_id.values
 
 
 

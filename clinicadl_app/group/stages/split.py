@@ -48,6 +48,14 @@ def run_split(config: Config, folder: SplitFolder) -> None:
                 "subjects seen in training into the test set. Use another [labels] name, or --overwrite if no "
                 "model was trained on the old split"
             )
+        if same and not config.execution.overwrite and folder.population_table.is_file() \
+                and previous.get("membership_sha256") == folder.membership_sha256():
+            # kept, not drawn again: a later version that draws otherwise must not move a sealed split's subjects
+            counts = previous.get("counts", {})
+            log.info("split: kept as drawn (%s test and %s training participants, %d fold(s)); files in %s",
+                     counts.get("test", {}).get("participants", "?"), counts.get("train", {}).get("participants", "?"),
+                     len(folder.folds()), folder.root)
+            return
     result = make_split(rows, labels.column, labels.task, settings)
     test = select(rows, result.test)
     train = rows[~rows.participant_id.isin(result.test)].reset_index(drop=True)
