@@ -161,6 +161,13 @@ def test_a_sealed_split_is_kept_not_drawn_again(dataset, split_dir, tmp_path):
     assert kept.returncode == 0 and "split: kept as drawn" in kept.stderr, kept.stderr
     assert {p: p.read_bytes() for p in folder.root.rglob("*.tsv")} == before
     assert other in read(folder.set_file("test")).participant_id.values
+    for report in ("population.png", "population.tsv"):  # a deleted report is made again from the kept sets
+        (folder.root / report).unlink()
+    again = run_split(dataset, out)
+    assert again.returncode == 0 and "kept as drawn" in again.stderr, again.stderr
+    assert (folder.root / "population.png").is_file() and (folder.root / "population.tsv").is_file()
+    assert {p: p.read_bytes() for p in folder.root.rglob("*.tsv") if p.name != "population.tsv"} == {
+        p: data for p, data in before.items() if p.name != "population.tsv"}
     redrawn = run_split(dataset, out, "--overwrite")
     assert redrawn.returncode == 0 and one in read(folder.set_file("test")).participant_id.values
 

@@ -14,7 +14,7 @@ import pandas as pd
 
 from clinicadl_app import __version__
 from clinicadl_app.core.atomic import write_json, write_tsv
-from clinicadl_app.core.config import Config
+from clinicadl_app.core.config import Config, Labels
 from clinicadl_app.core.errors import UsageError
 from clinicadl_app.group.label_table import Chosen, parse_subgroups
 from clinicadl_app.group.splitting import baseline, make_split, population, select
@@ -48,9 +48,10 @@ def run_split(config: Config, folder: SplitFolder) -> None:
                 "subjects seen in training into the test set. Use another [labels] name, or --overwrite if no "
                 "model was trained on the old split"
             )
-        if same and not config.execution.overwrite and folder.population_table.is_file() \
-                and previous.get("membership_sha256") == folder.membership_sha256():
+        if same and not config.execution.overwrite and previous.get("membership_sha256") == folder.membership_sha256():
             # kept, not drawn again: a later version that draws otherwise must not move a sealed split's subjects
+            if not (folder.population_table.is_file() and folder.population_figure.is_file()):
+                _write_population(_kept_sets(folder, labels), labels, folder)  # a deleted report, made again
             counts = previous.get("counts", {})
             log.info("split: kept as drawn (%s test and %s training participants, %d fold(s)); files in %s",
                      counts.get("test", {}).get("participants", "?"), counts.get("train", {}).get("participants", "?"),
@@ -75,9 +76,7 @@ def run_split(config: Config, folder: SplitFolder) -> None:
     for fold in folder.folds():
         if fold >= len(result.folds):  # a redrawn split with fewer folds: no empty split-N may remain
             shutil.rmtree(folder.set_file("train", fold).parent)
-    report = population(sets, labels.column, labels.task)
-    write_tsv(folder.population_table, report)
-    _population_figure(report, folder)
+    _write_population(sets, labels, folder)
     record["membership_sha256"] = folder.membership_sha256()
     record["draws"] = {draw.name: draw.record() for draw in result.draws}
     record["counts"] = {name: {"participants": int(t.participant_id.nunique()), "sessions": len(t)}
@@ -85,6 +84,19 @@ def run_split(config: Config, folder: SplitFolder) -> None:
     write_json(folder.record, record)
     log.info("split: %d test and %d training participants, %d fold(s); files in %s",
              test.participant_id.nunique(), train.participant_id.nunique(), len(result.folds), folder.root)
+
+
+def _kept_sets(folder: SplitFolder, labels: Labels) -> dict[str, pd.DataFrame]:
+    paths = {"test": folder.set_file("test"), "train": folder.set_file("train")}
+    for fold in folder.folds():
+        paths |= {f"split-{fold}/{name}": folder.set_file(name, fold) for name in ("train", "validation")}
+    return {name: folder.read(path, labels.column, labels.task) for name, path in paths.items()}
+
+
+def _write_population(sets: dict[str, pd.DataFrame], labels: Labels, folder: SplitFolder) -> None:
+    report = population(sets, labels.column, labels.task)
+    write_tsv(folder.population_table, report)
+    _population_figure(report, folder)
 
 
 def _sha(path) -> str:
