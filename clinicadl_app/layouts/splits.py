@@ -41,14 +41,19 @@ class SplitFolder:
         return sorted(int(p.name.split("-")[1]) for p in self.root.glob("split-*")
                       if p.name.split("-")[1].isdigit() and (p / "train.tsv").is_file())
 
-    def membership(self) -> dict[str, list[list[str]]]:
-        """Who is in each set: the test set, then each fold's training and validation sets."""
-        files = {"test": self.set_file("test")}
+    def set_files(self) -> dict[str, Path]:
+        """Every set by name: test, train, then each fold's training and validation sets."""
+        files = {"test": self.set_file("test"), "train": self.set_file("train")}
         for fold in self.folds():
             files[f"split-{fold}/train"] = self.set_file("train", fold)
             files[f"split-{fold}/validation"] = self.set_file("validation", fold)
+        return files
+
+    def membership(self) -> dict[str, list[list[str]]]:
+        """Who is in each set: the test set, then each fold's training and validation sets (the whole training
+        set is their union, so it is left out)."""
         return {name: sorted(pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)[KEYS].values.tolist())
-                for name, path in files.items() if path.is_file()}
+                for name, path in self.set_files().items() if name != "train" and path.is_file()}
 
     def membership_sha256(self) -> str:
         """One hash of every set's exact membership: a model is bound to the draw it was trained on."""

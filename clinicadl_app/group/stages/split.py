@@ -87,10 +87,7 @@ def run_split(config: Config, folder: SplitFolder) -> None:
 
 
 def _kept_sets(folder: SplitFolder, labels: Labels) -> dict[str, pd.DataFrame]:
-    paths = {"test": folder.set_file("test"), "train": folder.set_file("train")}
-    for fold in folder.folds():
-        paths |= {f"split-{fold}/{name}": folder.set_file(name, fold) for name in ("train", "validation")}
-    return {name: folder.read(path, labels.column, labels.task) for name, path in paths.items()}
+    return {name: folder.read(path, labels.column, labels.task) for name, path in folder.set_files().items()}
 
 
 def _write_population(sets: dict[str, pd.DataFrame], labels: Labels, folder: SplitFolder) -> None:
