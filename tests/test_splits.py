@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -18,6 +19,8 @@ from scipy import stats
 from clinicadl_app.core.config import Split
 from clinicadl_app.core.errors import ExitCode, UsageError
 from clinicadl_app.group.splitting import baseline, make_split, subject_table
+from clinicadl_app.images import templates
+from clinicadl_app.layouts.caps import Caps, CapsImage
 from clinicadl_app.layouts.splits import SplitFolder
 
 from .conftest import run_app
@@ -293,6 +296,46 @@ def test_a_participants_first_session_counts_numbers_as_numbers():
     assert first.session_id.tolist() == ["ses-9", "ses-M6"]
     subjects = subject_table(rows, "dx", "classification", 1)
     assert subjects.stratum.tolist() == ["CN", "MCI"] and subjects.age.tolist() == [70.0, 80.5]
+
+
+def _named_sessions(root: Path, dated: bool) -> tuple[Path, Path]:
+    """Participants scanned at ses-pre then ses-post (a name order that puts the follow-up first), whose class
+    changes between the two: CN before, AD after."""
+    bids, caps = make_longitudinal(root, n=16)
+    for participant in sorted(p for p in bids.glob("sub-*") if p.is_dir()):
+        for folder in participant.glob("ses-*"):
+            shutil.rmtree(folder)
+        for session_id in ("ses-pre", "ses-post"):
+            (participant / session_id / "anat").mkdir(parents=True)
+        shutil.rmtree(caps / "subjects" / participant.name)
+        for session_id in ("ses-pre", "ses-post"):
+            target = Caps(caps).t1_linear(CapsImage(participant.name, session_id, f"{participant.name}_{session_id}"))
+            target.parent.mkdir(parents=True)
+            os.symlink(templates.path(templates.MNI_T1), target)
+        table = pd.DataFrame({"session_id": ["ses-post", "ses-pre"], "dx": ["AD", "CN"]})
+        if dated:
+            table["acq_time"] = ["2012-03-01T10:00:00", "2010-02-11T09:30:00"]
+        table.to_csv(participant / f"{participant.name}_sessions.tsv", sep="\t", index=False)
+    return bids, caps
+
+
+@pytest.mark.parametrize("dated", [True, False], ids=["acq_time", "names"])
+def test_named_sessions_are_ordered_by_their_acquisition_time(tmp_path, dated):
+    """ses-post sorts before ses-pre by name: acq_time in sessions.tsv puts ses-pre first, so each participant's
+    baseline row and stratum are the pre-scan's (CN); without it, a warning names the file to date."""
+    bids, caps = _named_sessions(tmp_path / "data", dated)
+    done = group(bids, caps, tmp_path / "out", "--column", "dx", "--n_splits", "2", "--n_test", "0.25",
+                 "--baseline_sets", "--max_attempts", "3")
+    assert done.returncode == 0, done.stderr
+    folder = tmp_path / "out" / "splits" / "dx"
+    for name in ("train", "test", "split-1/validation"):
+        first = read(folder / f"{name}_baseline.tsv")
+        assert set(first.session_id) == ({"ses-pre"} if dated else {"ses-post"}), name
+        assert set(first.dx) == ({"CN"} if dated else {"AD"})
+    warned = "sessions named without a number" in done.stderr
+    assert warned != dated and (dated or "Add acq_time to sub-000_sessions.tsv" in done.stderr), done.stderr
+    assert (read(folder / "labels.tsv").acq_time.notna().all()) if dated else "acq_time" not in read(
+        folder / "labels.tsv")
 
 
 def test_equal_ages_are_not_compared_on_rounding_noise():

@@ -15,8 +15,8 @@ import pandas as pd
 
 from clinicadl_app.core.config import Execution, Labels
 from clinicadl_app.core.errors import MissingInputError, NoDataError, UsageError
-from clinicadl_app.layouts.bids import SESSIONLESS, normalise_labels
-from clinicadl_app.layouts.caps import KEYS, Caps
+from clinicadl_app.layouts.bids import ACQ_TIME, SESSIONLESS, normalise_labels
+from clinicadl_app.layouts.caps import KEYS, Caps, session_order
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,10 @@ def build_labels(bids_dir: Path, caps: Caps, settings: Labels, every_class: bool
         table["sex"] = table[settings.sex_column].astype("string").str.strip().str.upper().str[:1]
         extra.append("sex")
 
+    if ACQ_TIME in sessions.columns and column != ACQ_TIME:
+        extra.append(ACQ_TIME)
     rows = table[[*KEYS, column, *extra]].sort_values(KEYS).reset_index(drop=True)
+    _warn_of_unordered_sessions(rows)
     if rows.empty:
         reasons = sorted({reason for _, _, reason in dropped})
         raise NoDataError(f"{bids_dir}: no image kept for the label '{column}'; dropped because: "
@@ -257,6 +260,23 @@ def build_labels(bids_dir: Path, caps: Caps, settings: Labels, every_class: bool
     if not missing_images.empty:
         dropped_table = pd.concat([dropped_table, missing_images]).sort_values(KEYS).reset_index(drop=True)
     return LabelTable(rows, dropped_table, column, settings.task, parents)
+
+
+def _warn_of_unordered_sessions(rows: pd.DataFrame) -> None:
+    """A participant's first session sets its stratum and its baseline row; sessions named without a number
+    (ses-pre, ses-post) and without acq_time are ordered by name, which may put the follow-up first."""
+    times = (pd.to_datetime(rows[ACQ_TIME], errors="coerce", format="ISO8601", utc=True) if ACQ_TIME in rows
+             else pd.Series(pd.NaT, index=rows.index))
+    named = ~rows.session_id.astype(str).str.contains(r"\d", regex=True)
+    undated = (named & times.isna()).groupby(rows.participant_id).any()
+    several = rows.groupby("participant_id").size() > 1
+    unordered = sorted(undated[undated & several].index)
+    if unordered:
+        first = rows[rows.participant_id == unordered[0]].session_id.astype(str)
+        log.warning("%d participant(s) have sessions named without a number and not dated by acq_time in "
+                    "sessions.tsv (e.g. %s: %s); their first session is taken in name order (%s). Add acq_time "
+                    "to %s_sessions.tsv to order them", len(unordered), unordered[0], ", ".join(first),
+                    min(first, key=session_order), unordered[0])
 
 
 def failed_qc(caps: Caps, images) -> dict[tuple[str, str], str]:

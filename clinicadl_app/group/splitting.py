@@ -22,6 +22,7 @@ from scipy import special, stats
 
 from clinicadl_app.core.config import Split
 from clinicadl_app.core.errors import UsageError
+from clinicadl_app.layouts.bids import ACQ_TIME
 from clinicadl_app.layouts.caps import KEYS, session_order
 
 log = logging.getLogger(__name__)
@@ -246,9 +247,17 @@ def select(rows: pd.DataFrame, participants: list[str]) -> pd.DataFrame:
 
 
 def in_session_order(rows: pd.DataFrame) -> pd.DataFrame:
-    """Rows by participant, then session (caps.session_order: ses-9 before ses-10)."""
-    return rows.sort_values(KEYS, key=lambda column: column.astype(str).map(session_order)
-                            if column.name == "session_id" else column, kind="stable")
+    """Rows by participant, then by the acquisition times of sessions.tsv where every session of the participant
+    has one (named sessions such as ses-pre and ses-post say nothing by their names), then by label
+    (caps.session_order: ses-9 before ses-10)."""
+    keys = rows[KEYS].reset_index(drop=True)
+    keys["session_id"] = keys.session_id.astype(str).map(session_order)
+    if ACQ_TIME in rows:
+        times = pd.to_datetime(rows[ACQ_TIME].reset_index(drop=True), errors="coerce", format="ISO8601", utc=True)
+        complete = times.notna().groupby(keys.participant_id).transform("all")
+        keys[ACQ_TIME] = times.where(complete).fillna(pd.Timestamp(0, tz="UTC"))
+    columns = ["participant_id", *([ACQ_TIME] if ACQ_TIME in keys else []), "session_id"]
+    return rows.iloc[keys.sort_values(columns, kind="stable").index]
 
 
 def baseline(rows: pd.DataFrame) -> pd.DataFrame:

@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 SESSIONLESS = "M000"
 """Session label used in the CAPS for datasets without sessions (Clinica's baseline label)."""
+ACQ_TIME = "acq_time"
+"""The sessions.tsv column that dates a session (BIDS: YYYY-MM-DDThh:mm:ss); it orders named sessions."""
 
 _LABEL = re.compile(r"^[A-Za-z0-9]+$")
 _NAMING_ENTITIES = ("acquisition", "ceagent", "reconstruction", "run")

@@ -68,6 +68,5 @@ class SplitFolder:
 
     def read(self, path: Path, column: str, task: str) -> pd.DataFrame:
         dtypes = {"participant_id": str, "session_id": str, column: str if task == "classification" else float}
-        if column != "sex":
-            dtypes["sex"] = str
+        dtypes.update({extra: str for extra in ("sex", "acq_time") if extra != column})
         return pd.read_csv(path, sep="\t", dtype=dtypes, na_values=["n/a"], keep_default_na=False)
