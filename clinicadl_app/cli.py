@@ -178,6 +178,31 @@ def ignored_options(argv: list[str] | None) -> list[str]:
             if _ONE_LEVEL.get((section, name), _ONE_LEVEL.get((section, "*"), level)) != level]
 
 
+_MAPS_STAGES = frozenset({"train", "search", "predict", "interpret", "report", "export"})
+_READ_BY: dict[tuple[str, str], frozenset[str]] = {  # group-level settings read by only some stages
+    **{("train", name): _MAPS_STAGES for name in ("experiment", "mode", "architecture")},  # they name the MAPS
+    ("train", "*"): frozenset({"train", "search"}),  # the later stages take the settings the MAPS recorded
+    ("extraction", "*"): frozenset({"train", "search"}),
+    ("split", "*"): frozenset({"split"}),
+    ("search", "*"): frozenset({"search"}),
+    ("interpret", "*"): frozenset({"interpret"}),
+    ("predict", "maps_dir"): frozenset({"predict", "interpret", "report", "export"}),
+    ("predict", "group_name"): frozenset({"predict", "interpret"}),
+    ("predict", "*"): frozenset({"predict"}),
+    ("export", "card_fingerprints"): frozenset({"train", "report", "export"}),
+    ("export", "*"): frozenset({"export"}),
+}
+
+
+def unread_by_stages(argv: list[str] | None, stages: tuple[str, ...]) -> list[str]:
+    """The group-level options on this command line that none of the stages run reads (--epochs with --stages
+    predict: predict uses the trained MAPS's settings, and the option would be dropped without a word)."""
+    namespace = build_parser().parse_args(argv)
+    return [option_name(section, name) for section, names in _given(namespace).items() for name in names
+            if not _READ_BY.get((section, name), _READ_BY.get((section, "*"), _MAPS_STAGES | set(stages)))
+            & set(stages)]
+
+
 def prepare_process(config: Config) -> None:
     """Threads follow --n_cpus; temporary files go to the work folder when the system's are not writable
     (a container run with --read-only, where only OUTPUT_DIR and -w WORK_DIR are)."""
@@ -223,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
         ignored = ignored_options(argv)
         if ignored:
             log.warning("%s: not read at the %s level, ignored", ", ".join(ignored), config.analysis_level)
+        if config.analysis_level == "group" and config.execution.reproduce is None:
+            unread = unread_by_stages(argv, config.execution.stages)
+            if unread:
+                log.warning("%s: not read by the stages run (%s), ignored; predict, interpret and report use the "
+                            "settings the MAPS recorded", ", ".join(unread), " ".join(config.execution.stages))
         prepare_process(config)
         if config.analysis_level == "participant":
             from clinicadl_app.participant import run

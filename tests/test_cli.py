@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from clinicadl_app import __version__
-from clinicadl_app.cli import build_parser, ignored_options, main, option_name, parse_args
+from clinicadl_app.cli import build_parser, ignored_options, main, option_name, parse_args, unread_by_stages
 from clinicadl_app.core.config import Config
 from clinicadl_app.core.config_file import read_config_file
 from clinicadl_app.core.errors import ExitCode, UsageError
@@ -150,6 +150,23 @@ def test_options_the_level_does_not_read_are_named_not_ignored_in_silence(tmp_pa
                    "--skip_bids_validator")
     assert done.returncode == ExitCode.USAGE, done.stderr
     assert "--epochs: not read at the participant level, ignored" in done.stderr and "sub-nobody" in done.stderr
+
+
+def test_options_the_stages_run_do_not_read_are_named(tmp_path):
+    """--stages predict takes the trained MAPS's settings: --epochs or --n_test there would change nothing, and a
+    researcher must hear so rather than believe them applied."""
+    group = [str(DEMO), str(tmp_path / "out"), "group", "--column", "sex", "--epochs", "3", "--n_test", "0.3",
+             "--maps_dir", "m", "--group_name", "g", "--mode", "patch", "--methods", "gradients", "--near_duplicate",
+             "0.9", "--card_fingerprints", "--participant_label", "01"]
+    assert sorted(unread_by_stages(group, ("predict",))) == ["--card_fingerprints", "--epochs", "--methods",
+                                                            "--n_test"]
+    assert sorted(unread_by_stages(group, ("interpret", "report"))) == ["--epochs", "--n_test", "--near_duplicate"]
+    assert sorted(unread_by_stages(group, ("labels", "split"))) == [
+        "--card_fingerprints", "--epochs", "--group_name", "--maps_dir", "--methods", "--mode", "--near_duplicate"]
+    assert unread_by_stages(group, ("labels", "split", "train", "predict", "interpret", "report", "export")) == []
+    done = run_app(DEMO, tmp_path / "out", "group", "--column", "sex", "--stages", "predict", "--epochs", "3")
+    assert done.returncode != 0  # nothing was trained
+    assert "--epochs: not read by the stages run (predict), ignored" in done.stderr, done.stderr
 
 
 def test_help_lists_every_section():
