@@ -162,6 +162,8 @@ def test_a_sealed_split_is_kept_not_drawn_again(dataset, split_dir, tmp_path):
     before = {p: p.read_bytes() for p in folder.root.rglob("*.tsv")}
     kept = run_split(dataset, out)
     assert kept.returncode == 0 and "split: kept as drawn" in kept.stderr, kept.stderr
+    counts = record["counts"]["test"]
+    assert f"({counts['participants']} test participants ({counts['sessions']} images)" in kept.stderr
     assert {p: p.read_bytes() for p in folder.root.rglob("*.tsv")} == before
     assert other in read(folder.set_file("test")).participant_id.values
     for report in ("population.png", "population.tsv"):  # a deleted report is made again from the kept sets
@@ -332,6 +334,7 @@ def test_named_sessions_are_ordered_by_their_acquisition_time(tmp_path, dated):
         first = read(folder / f"{name}_baseline.tsv")
         assert set(first.session_id) == ({"ses-pre"} if dated else {"ses-post"}), name
         assert set(first.dx) == ({"CN"} if dated else {"AD"})
+    assert "4 test participants (8 images) and 12 training (24 images), 2 fold(s)" in done.stderr  # 2 sessions each
     warned = "sessions named without a number" in done.stderr
     assert warned != dated and (dated or "Add acq_time to sub-000_sessions.tsv" in done.stderr), done.stderr
     assert (read(folder / "labels.tsv").acq_time.notna().all()) if dated else "acq_time" not in read(

@@ -53,9 +53,10 @@ def run_split(config: Config, folder: SplitFolder) -> None:
             if not (folder.population_table.is_file() and folder.population_figure.is_file()):
                 _write_population(_kept_sets(folder, labels), labels, folder)  # a deleted report, made again
             counts = previous.get("counts", {})
-            log.info("split: kept as drawn (%s test and %s training participants, %d fold(s)); files in %s",
-                     counts.get("test", {}).get("participants", "?"), counts.get("train", {}).get("participants", "?"),
-                     len(folder.folds()), folder.root)
+            test, train = (counts.get(name, {}) for name in ("test", "train"))
+            log.info("split: kept as drawn (%s test participants (%s images) and %s training (%s images), %d fold(s)); "
+                     "files in %s", test.get("participants", "?"), test.get("sessions", "?"),
+                     train.get("participants", "?"), train.get("sessions", "?"), len(folder.folds()), folder.root)
             return
     result = make_split(rows, labels.column, labels.task, settings)
     test = select(rows, result.test)
@@ -82,8 +83,9 @@ def run_split(config: Config, folder: SplitFolder) -> None:
     record["counts"] = {name: {"participants": int(t.participant_id.nunique()), "sessions": len(t)}
                         for name, t in sets.items()}
     write_json(folder.record, record)
-    log.info("split: %d test and %d training participants, %d fold(s); files in %s",
-             test.participant_id.nunique(), train.participant_id.nunique(), len(result.folds), folder.root)
+    log.info("split: %d test participants (%d images) and %d training (%d images), %d fold(s); files in %s",
+             test.participant_id.nunique(), len(test), train.participant_id.nunique(), len(train), len(result.folds),
+             folder.root)
 
 
 def _kept_sets(folder: SplitFolder, labels: Labels) -> dict[str, pd.DataFrame]:
