@@ -223,8 +223,8 @@ def test_a_study_is_refused_on_a_redrawn_split(data, tmp_path):
     root, out = data
     copy = tmp_path / "out"
     shutil.copytree(out / "splits", copy / "splits")
-    (copy / "search" / "diagnosis").mkdir(parents=True)
-    shutil.copy(out / "search" / "diagnosis" / "space.toml", copy / "search" / "diagnosis" / "space.toml")
+    opened = command(root, copy, "--stages", "search", "--n_trials", "0")  # the study, on the split as drawn
+    assert opened.returncode == 0 and (copy / "search" / "diagnosis" / "space.toml").is_file(), opened.stderr
     record = copy / "splits" / "diagnosis" / "split.json"
     split = json.loads(record.read_text())
     split["membership_sha256"] = "0" * 64
