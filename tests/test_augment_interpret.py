@@ -63,6 +63,19 @@ def test_attribution_methods_point_where_the_model_looks(method):
         assert values[..., :4, :, :].sum() > values[..., 4:, :, :].sum()
 
 
+@pytest.mark.parametrize("method", ["integrated-gradients", "occlusion"])
+def test_batched_attribution_equals_one_input_at_a_time(method):
+    """Integrated gradients' steps and occlusion's copies go through the model `batch` at a time: each input's
+    map must stay its own, as computed alone."""
+    torch.manual_seed(0)
+    model = LeftEye().eval()
+    x = torch.rand(2, 1, 8, 8, 8)
+    batched = attribute(model, method, x, target=torch.tensor([1, 0]), layer=0, batch=8)
+    alone = torch.cat([attribute(model, method, x[i:i + 1], target=target, layer=0) for i, target in ((0, 1), (1, 0))])
+    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(batched[0], batched[1])
+
+
 def test_grad_cam_layers_are_convolutions_or_residual_stages():
     """-1 is the last stage's output on a ResNet (what Grad-CAM explains there), not its stem convolution."""
     conv = build_network("Conv5_FC3", (1, 40, 48, 40), 2)
