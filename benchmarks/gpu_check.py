@@ -7,7 +7,9 @@
    probabilities (eval mode on the GPU).
 2. One Conv5_FC3 training step on 169x208x179 images, batch 8: float32, float16 and bfloat16 autocast,
    contiguous and channels-last, cudnn.benchmark on: images per second and peak GPU memory.
-3. With 2 GPUs or more: torchrun --nproc_per_node 2 --sync_batchnorm (NCCL) trains and writes one MAPS.
+3. Integrated gradients of one 169x208x179 image on cuda, its 16 steps one at a time and 8 at a time (the
+   batched path the CPU never takes): seconds each, and the same map.
+4. With 2 GPUs or more: torchrun --nproc_per_node 2 --sync_batchnorm (NCCL) trains and writes one MAPS.
 Prints a table and exits non-zero when a check fails.
 """
 
@@ -62,6 +64,24 @@ def step_speed(dtype: torch.dtype | None, channels_last: bool, batch: int = 8) -
     return 10 * batch / (time.perf_counter() - start), torch.cuda.max_memory_allocated() / 2**30
 
 
+def integrated_gradients() -> tuple[float, float, bool]:
+    from clinicadl_app.group.attribution import attribute
+    from clinicadl_app.group.networks.cnn import conv5_fc3
+
+    torch.manual_seed(0)
+    model = conv5_fc3((1, 169, 208, 179), 2).cuda().eval()
+    x = torch.rand(1, 1, 169, 208, 179, device="cuda")
+    seconds, maps = [], []
+    for batch in (1, 8, 1, 8):  # the first two warm up
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        maps.append(attribute(model, "integrated-gradients", x, target=1, layer=0, batch=batch))
+        torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    same = torch.allclose(maps[2], maps[3], rtol=1e-3, atol=1e-6)
+    return seconds[2], seconds[3], same
+
+
 def app(*args: object) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "run.py"), *map(str, args)], capture_output=True, text=True,
                           check=False)
@@ -103,6 +123,10 @@ def main() -> int:
             speed, memory = step_speed(dtype, channels_last)
             rows.append([f"Conv5_FC3 step, {dtype or 'float32'}, {'channels-last' if channels_last else 'contiguous'}",
                          f"{speed:.1f} img/s, {memory:.1f} GiB"])
+    alone, batched, same = integrated_gradients()
+    rows.append(["integrated gradients, 1 mm, steps 1 / 8 at a time",
+                 f"{alone:.2f} s / {batched:.2f} s, {'same map' if same else 'DIFFERENT MAPS'}"])
+    failed |= not same
     if torch.cuda.device_count() >= 2:
         out = work / "ddp"
         subprocess.run(["cp", "-r", str(work / "out"), str(out)], check=True)

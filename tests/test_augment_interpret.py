@@ -65,8 +65,8 @@ def test_attribution_methods_point_where_the_model_looks(method):
 
 @pytest.mark.parametrize("method", ["integrated-gradients", "occlusion"])
 def test_batched_attribution_equals_one_input_at_a_time(method):
-    """Integrated gradients' steps and occlusion's copies go through the model `batch` at a time: each input's
-    map must stay its own, as computed alone."""
+    """Occlusion's copies (and integrated gradients' steps on a GPU: benchmarks/gpu_check.py) go through the
+    model `batch` at a time: each input's map must stay its own, as computed alone."""
     torch.manual_seed(0)
     model = LeftEye().eval()
     x = torch.rand(2, 1, 8, 8, 8)

@@ -41,9 +41,9 @@ def attribute(model: nn.Module, method: str, inputs: torch.Tensor, target: torch
               layer: int, batch: int = 1) -> torch.Tensor:
     """Attribution of each input voxel, same shape as `inputs`, non-negative. `target`: the class explained
     (one, or one per input); None for a single output (regression). `batch`: how many inputs one forward may
-    take (the training batch, which fits): occlusion's perturbed copies and integrated gradients' steps go
-    through the model that many at a time, not one by one (occlusion of a 2 mm image 19.5 -> 4.4 s, a 1 mm
-    image 66 -> 50 s, Conv5_FC3 on 2 AVX-512 cores)."""
+    take (the training batch, which fits): occlusion's perturbed copies (and, on a GPU, integrated gradients'
+    steps) go through the model that many at a time, not one by one (occlusion of a 2 mm image 19.5 -> 4.4 s,
+    a 1 mm image 66 -> 50 s, Conv5_FC3 on 2 AVX-512 cores)."""
     from captum import attr
 
     model.eval()
@@ -57,10 +57,11 @@ def attribute(model: nn.Module, method: str, inputs: torch.Tensor, target: torch
         up = attr.LayerAttribution.interpolate(cam.detach(), tuple(inputs.shape[2:]), interpolate_mode=mode)
         return up.expand_as(inputs).clamp(min=0)
     if method == "integrated-gradients":
-        # the path's steps go `batch` at a time, as training does: on 2 AVX-512 cores no faster than one by one
-        # (2 mm 3.7 -> 3.4 s, 1 mm 31 s either way), but a GPU is left idle by single images
+        # on a GPU the path's steps go `batch` at a time (single images leave it idle); on a CPU one input at a
+        # time, which is faster there (Conv5_FC3, 1 mm, 2 AVX-512 cores: 31 s at 1, 37 s at 8, 42 s at 16)
+        steps = max(batch, len(inputs)) if inputs.device.type == "cuda" else len(inputs)
         values = attr.IntegratedGradients(model).attribute(inputs, target=target, n_steps=16,
-                                                            internal_batch_size=max(batch, len(inputs)))
+                                                            internal_batch_size=steps)
         return values.detach().abs()
     if method == "occlusion":
         window = tuple([inputs.shape[1]] + [max(1, s // 6) for s in inputs.shape[2:]])
