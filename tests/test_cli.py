@@ -157,12 +157,13 @@ def test_options_the_stages_run_do_not_read_are_named(tmp_path):
     researcher must hear so rather than believe them applied."""
     group = [str(DEMO), str(tmp_path / "out"), "group", "--column", "sex", "--epochs", "3", "--n_test", "0.3",
              "--maps_dir", "m", "--group_name", "g", "--mode", "patch", "--methods", "gradients", "--near_duplicate",
-             "0.9", "--card_fingerprints", "--participant_label", "01"]
+             "0.9", "--card_fingerprints", "--participant_label", "01", "--no-gpu"]  # --gpu: where the job runs
     assert sorted(unread_by_stages(group, ("predict",))) == ["--card_fingerprints", "--epochs", "--methods",
                                                             "--n_test"]
     assert sorted(unread_by_stages(group, ("interpret", "report"))) == ["--epochs", "--n_test", "--near_duplicate"]
     assert sorted(unread_by_stages(group, ("labels", "split"))) == [
-        "--card_fingerprints", "--epochs", "--group_name", "--maps_dir", "--methods", "--mode", "--near_duplicate"]
+        "--card_fingerprints", "--epochs", "--gpu", "--group_name", "--maps_dir", "--methods", "--mode",
+        "--near_duplicate"]
     assert unread_by_stages(group, ("labels", "split", "train", "predict", "interpret", "report", "export")) == []
     done = run_app(DEMO, tmp_path / "out", "group", "--column", "sex", "--stages", "predict", "--epochs", "3")
     assert done.returncode != 0  # nothing was trained

@@ -60,7 +60,8 @@ def test_default_group_run_predicts_the_test_set(full_run):
         prediction = pd.read_csv(maps / f"split-{fold}" / "best-loss" / "test" / "test_image_level_prediction.tsv",
                                  sep="\t")
         assert len(prediction) == 6 and {"proba0", "proba1"} <= set(prediction)
-        assert "leakage check: passed" in (maps / f"split-{fold}" / "best-loss" / "test" / "description.log").read_text()
+        description = (maps / f"split-{fold}" / "best-loss" / "test" / "description.log").read_text()
+        assert "leakage check: passed" in description and "device cpu, float32" in description
     record = json.loads((maps / "groups" / "test" / "maps.json").read_text())
     assert record["leak_check"] == "passed"
 

@@ -418,6 +418,23 @@ def test_patience_stops_after_that_many_evaluations_without_a_large_enough_decre
     assert "split-0 epoch 2 step" in lines[stop - 1], "the evaluation that stops training is logged before the stop"
 
 
+def test_mixed_precision_trains_and_predicts_in_bfloat16_and_says_so(trivial4, tmp_path):
+    """--amp end to end on the CPU: the model trained in bfloat16 predicts in bfloat16 (the precision is the
+    MAPS's), twice with the same outputs, and each prediction's description.log names the device and precision."""
+    done = group(trivial4, tmp_path, "--split", "0", "--epochs", "1", "--amp", "--no-gpu",
+                 stages=("labels", "split", "train", "predict"))
+    assert done.returncode == 0, done.stderr
+    maps = maps_of(tmp_path)
+    assert json.loads((maps / "maps.json").read_text())["train"]["amp"] is True
+    result = maps / "split-0" / "best-loss" / "test"
+    assert "device cpu, bfloat16" in (result / "description.log").read_text()
+    first = (result / "test_image_level_prediction.tsv").read_text()
+    again = group(trivial4, tmp_path, stages=("predict",))  # no --amp now: the MAPS's precision holds
+    assert again.returncode == 0, again.stderr
+    assert (result / "test_image_level_prediction.tsv").read_text() == first
+    assert "device cpu, bfloat16" in (result / "description.log").read_text()
+
+
 def test_missing_images_and_corrupt_tensors(trivial4, tmp_path):
     copy = tmp_path / "data"
     subprocess.run(["cp", "-r", str(trivial4), str(copy)], check=True)

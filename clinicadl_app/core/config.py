@@ -226,7 +226,7 @@ class Train:
     seed: int = option(0, "seed of weights, data order, dropout and augmentation")
     deterministic: bool = option(False, "deterministic algorithms: a CPU rerun is bit-identical")
     amp: bool = option(False, "mixed precision: bfloat16 on CPU, float16 or bfloat16 on GPU")
-    gpu: bool = option(True, "use a GPU when one is present")
+    gpu: bool = option(True, "use a GPU when one is present (predict and interpret too: where this job runs)")
     sync_batchnorm: bool = option(False, "data-parallel training: BatchNorm statistics over the whole global batch "
                                   "(all processes), as one process computes them")
     num_workers: int = option(0, "data loading processes (0: load in the training process)")

@@ -45,6 +45,12 @@ class Device:
                        "emulation, measured ~10x slower than float32 on an AVX2 CPU; train without --amp here")
         return cls(torch.device("cpu"), torch.bfloat16 if settings.amp else None)
 
+    def __str__(self) -> str:
+        """What ran it, for the records: 'cpu, float32' or 'cuda (NVIDIA H100 80GB HBM3), bfloat16'."""
+        name = f" ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda" else ""
+        precision = str(self.amp_dtype or torch.float32).removeprefix("torch.")
+        return f"{self.device.type}{name}, {precision}"
+
     def autocast(self):
         if self.amp_dtype is None:
             return nullcontext()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -66,7 +67,7 @@ def run_interpret(config: Config, maps_dir: Path) -> Maps | None:
     shape = store.validate()
     spec = part_spec(train.mode, shape[1:], extraction, caps)
     reference = _reference_image(caps, rows, extraction)
-    device = Device.choose(train)
+    device = Device.choose(replace(train, gpu=config.train.gpu))  # where: this job's; precision: the MAPS's
     dataset = PartDataset(store, spec, [torch.zeros(())] * len(rows), train.normalize)
     for fold in maps.folds():
         task = task_from_record(json.loads(maps.group_record("train", fold).read_text())["task"])

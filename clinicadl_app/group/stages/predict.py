@@ -139,7 +139,7 @@ def run_predict(config: Config, maps_dir: Path) -> Maps | None:
     paths = image_paths(caps, rows, extraction)
     spec = _part_spec(record, train, extraction, caps, ImageStore(paths).validate())
     _record_group(maps, rows, settings.group_name, origin, leak_check, checks, caps, config)
-    device = Device.choose(train)
+    device = Device.choose(replace(train, gpu=config.train.gpu))  # where: this job's; precision: the MAPS's
     quality = _quality(caps, rows)
     for fold in maps.folds():
         task = task_from_record(json.loads(maps.group_record("train", fold).read_text())["task"])
@@ -168,7 +168,7 @@ def run_predict(config: Config, maps_dir: Path) -> Maps | None:
                 result = _merge(results)
                 result.images.insert(2, "qc_passed", [quality[key] for key in map(tuple, result.images[KEYS].values)])
                 done.append((models, weights, result))
-            note = f"leakage check: {leak_check}"
+            note = f"device {device}\nleakage check: {leak_check}"
             if labelled and not known.all():
                 note += f"\nimages with a class the model never saw (left out of the metrics): {int((~known).sum())}"
             result.write(maps, fold, metric, settings.group_name, note=note)
