@@ -181,7 +181,8 @@ def ignored_options(argv: list[str] | None) -> list[str]:
 _MAPS_STAGES = frozenset({"train", "search", "predict", "interpret", "report", "export"})
 _READ_BY: dict[tuple[str, str], frozenset[str]] = {  # group-level settings read by only some stages
     **{("train", name): _MAPS_STAGES for name in ("experiment", "mode", "architecture")},  # they name the MAPS
-    ("train", "gpu"): frozenset({"train", "search", "predict", "interpret"}),  # where a job runs: its own choice
+    **{("train", name): frozenset({"train", "search", "predict", "interpret"})  # which folds, where: the job's
+       for name in ("gpu", "folds")},
     ("train", "*"): frozenset({"train", "search"}),  # the later stages take the settings the MAPS recorded
     ("extraction", "*"): frozenset({"train", "search"}),
     ("split", "*"): frozenset({"split"}),

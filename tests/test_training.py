@@ -244,6 +244,52 @@ def test_accumulated_batches_train_as_one_batch_and_workers_load_the_same_inputs
     assert widths == [6, 8]
 
 
+def _kill_at_first_checkpoint(command: list[str], out: Path, fold: int) -> None:
+    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    checkpoint = None
+    while time.time() < deadline and job.poll() is None:
+        found = list(out.glob(f"maps/*/split-{fold}/tmp/checkpoint.pth.tar"))
+        if found:
+            checkpoint = found[0]
+            break
+        time.sleep(0.05)
+    assert checkpoint is not None, "the run ended before its first checkpoint"
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+
+
+def test_a_killed_fold_is_not_predicted_exported_or_transferred_until_it_resumes(trivial4, tmp_path):
+    """The best models of a training killed at its first epoch are only the best so far: predict and interpret
+    leave that fold out with a warning (refuse it when asked by --split), export and transfer refuse it, and
+    after the resume it is predicted like the other."""
+    trained = group(trivial4, tmp_path, "--split", "0", "--epochs", "3")
+    assert trained.returncode == 0, trained.stderr
+    command = [sys.executable, str(ROOT / "run.py"), str(trivial4 / "bids"), str(tmp_path), "group", "--caps_dir",
+               str(trivial4 / "caps"), "--config", str(trivial4 / "experiment.toml"), "--split", "1", "--epochs", "3",
+               "--stages", "train"]
+    _kill_at_first_checkpoint(command, tmp_path, 1)
+    maps = maps_of(tmp_path)
+    predicted = group(trivial4, tmp_path, stages=("predict", "interpret"))
+    assert predicted.returncode == 0, predicted.stderr
+    assert "training of split-1 did not finish: left out (resume with --stages train --split 1)" in predicted.stderr
+    assert (maps / "split-0" / "best-loss" / "test" / "test_image_level_prediction.tsv").is_file()
+    assert (maps / "split-0" / "best-loss" / "test" / "interpret-gradients").is_dir()
+    assert not (maps / "split-1" / "best-loss" / "test").exists()
+    for stage, extra in (("predict", ["--split", "1"]), ("export", []),
+                         ("train", ["--transfer_path", str(maps), "--experiment", "transferred", "--epochs", "3"])):
+        refused = group(trivial4, tmp_path, *extra, stages=(stage,))
+        assert refused.returncode == ExitCode.USAGE, refused.stderr
+        assert "did not finish" in refused.stderr and "--split 1" in refused.stderr.splitlines()[-1], refused.stderr
+    assert not (tmp_path / "exports").exists() and not (tmp_path / "maps" / "transferred" / "split-0").exists()
+    unpredicted = group(trivial4, tmp_path, "--epochs", "3", stages=("train", "interpret"))  # resumed, not predicted
+    assert unpredicted.returncode == ExitCode.USAGE and "resuming after epoch" in unpredicted.stderr
+    assert "was not predicted by split-1" in unpredicted.stderr, unpredicted.stderr
+    done = group(trivial4, tmp_path, "--split", "1", stages=("predict", "interpret"))
+    assert done.returncode == 0 and "did not finish" not in done.stderr, done.stderr
+    assert (maps / "split-1" / "best-loss" / "test" / "interpret-gradients").is_dir()
+
+
 def test_deterministic_runs_and_kill_resume_give_identical_weights(trivial4, tmp_path):
     """A run, and another one killed after its first checkpoint then resumed, end with equal weights and logs:
     runs are deterministic and resuming changes nothing."""
@@ -258,18 +304,7 @@ def test_deterministic_runs_and_kill_resume_give_identical_weights(trivial4, tmp
     assert setup.returncode == 0
     command = [sys.executable, str(ROOT / "run.py"), str(trivial4 / "bids"), str(out), "group", "--caps_dir",
                str(trivial4 / "caps"), "--config", str(trivial4 / "experiment.toml"), "--stages", "train", *args]
-    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    checkpoint = None
-    while time.time() < deadline and job.poll() is None:
-        found = list(out.glob("maps/*/split-0/tmp/checkpoint.pth.tar"))
-        if found:
-            checkpoint = found[0]
-            break
-        time.sleep(0.05)
-    assert checkpoint is not None, "the run ended before its first checkpoint"
-    job.send_signal(signal.SIGKILL)
-    job.wait()
+    _kill_at_first_checkpoint(command, out, 0)
     resumed = run_app(trivial4 / "bids", out, "group", "--caps_dir", trivial4 / "caps", "--config",
                       trivial4 / "experiment.toml", "--stages", "train", *args)
     assert resumed.returncode == 0 and "resuming after epoch" in resumed.stderr, resumed.stderr

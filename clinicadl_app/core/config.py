@@ -234,8 +234,8 @@ class Train:
         "auto", "tensor memory layout; auto: channels-last (the faster on the CPUs measured, float32 and "
         "bfloat16); probe: time one training step of each at start and take the faster (not with "
         "--deterministic); contiguous float32 results depend less on how the batch is split")
-    folds: tuple[int, ...] = option((), "folds to train (default: all); one cluster job per fold", flags=("--split",),
-                                    metavar="FOLD")
+    folds: tuple[int, ...] = option((), "folds to train, predict and interpret (default: all); one cluster job "
+                                    "per fold", flags=("--split",), metavar="FOLD")
     transfer_path: Path | None = option(None, "a MAPS whose model initialises this one (transfer learning)")
     transfer_selection_metric: str = option("loss", "which best-<metric> model of the source MAPS to use")
     n_convblocks: int = option(3, "architecture random: convolution blocks, each halving the grid")

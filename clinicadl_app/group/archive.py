@@ -59,11 +59,13 @@ def pseudonymised(record: dict) -> bool:
 
 def export_maps(maps: Maps, destination: Path, include_participants: bool) -> Path:
     record = json.loads(maps.record.read_text())
-    folds = [fold for fold in maps.folds() if any(maps.model(fold, metric, network).is_file()
-                                                  for metric in maps.selection_metrics(fold)
-                                                  for network in maps.networks(fold, metric))]
+    folds = [fold for fold in maps.folds() if maps.trained(fold)]
     if not folds:
         raise UsageError(f"{maps.root}: no trained model to export; train first (--stages train)")
+    unfinished = sorted(set(maps.folds()) - set(folds))
+    if unfinished:  # the best models so far of a killed training must not travel as trained ones
+        raise UsageError(f"{maps.root}: training of split-{unfinished[0]} did not finish; resume it (--stages train "
+                         f"--split {' '.join(map(str, unfinished))}) before exporting")
     if not maps.seen.is_file():
         raise MissingInputError(f"{maps.seen}: missing; a MAPS that does not say what it was trained on cannot "
                                 "be shared (its receivers could not check for leakage)")

@@ -103,7 +103,7 @@ def train_maps(config: Config, folder: SplitFolder, maps: Maps,
         _write_records(config, maps, record, folder, caps, all_train, prepared, transfer)
     world.barrier()  # the others read nothing the main process writes before this point
     for data in prepared:
-        if world.broadcast(fold_complete(maps, data.fold, selection_metrics(config, data.task))):
+        if world.broadcast(maps.trained(data.fold, selection_metrics(config, data.task))):
             if not config.execution.overwrite:
                 log.info("split-%d: already trained; skipping (--overwrite trains it again)", data.fold)
                 continue
@@ -303,12 +303,6 @@ def _fitted_on(own: pd.DataFrame, data: FoldData, transfer) -> pd.DataFrame:
     if transfer is not None:
         rows = pd.concat([rows, transfer.fitted_for(transfer.source_fold(data.fold)).rows], ignore_index=True)
     return rows.drop_duplicates(KEYS + ["maps"]).sort_values(KEYS).reset_index(drop=True)
-
-
-def fold_complete(maps: Maps, fold: int, metrics: tuple[str, ...]) -> bool:
-    return (not maps.tmp_dir(fold).exists() and maps.training_log(fold).parent.exists()
-            and all(maps.model(fold, m, n).exists() for m in metrics for n in maps.networks(fold, m))
-            and all(maps.metrics(fold, m, "validation", "image").exists() for m in metrics))
 
 
 def train_fold(config: Config, maps: Maps, data: FoldData, transfer, report=None, world: World | None = None) -> None:

@@ -8,6 +8,7 @@ its classes or target scaling); models are loaded with weights_only=True and alw
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -19,6 +20,8 @@ from clinicadl_app.group.networks import ArchitectureError, PretrainedWeightsErr
 from clinicadl_app.group.runtime import Device
 from clinicadl_app.group.tasks import Classification, Reconstruction, Regression, Task
 from clinicadl_app.layouts.maps import Maps
+
+log = logging.getLogger(__name__)
 
 
 def random_spec(settings: Train) -> RandomSpec | None:
@@ -57,6 +60,27 @@ def open_maps(path: Path) -> tuple[Maps, dict]:
         raise UsageError(f"{maps.record}: trained on {record.get('preprocessing')} images; this version "
                          "predicts on t1-linear images only")
     return maps, record
+
+
+def trained_folds(maps: Maps, asked: tuple[int, ...] = ()) -> list[int]:
+    """The folds an inference uses: those asked (--split; all when none), each trained to its end. A fold
+    whose training was killed holds the best model so far, which must not pass for a trained one."""
+    folds = maps.folds()
+    unknown = sorted(set(asked) - set(folds))
+    if unknown:
+        raise UsageError(f"{maps.root}: no split {', '.join(map(str, unknown))}; this MAPS has "
+                         f"{', '.join(f'split-{fold}' for fold in folds) or 'none'}; check --split")
+    unfinished = [fold for fold in (asked or folds) if not maps.trained(fold)]
+    resume = f"resume with --stages train --split {' '.join(map(str, unfinished))}"
+    if asked and unfinished:
+        raise UsageError(f"{maps.root}: training of split-{unfinished[0]} did not finish; {resume}")
+    if unfinished:
+        log.warning("%s: training of %s did not finish: left out (%s)", maps.root,
+                    ", ".join(f"split-{fold}" for fold in unfinished), resume)
+    chosen = [fold for fold in (asked or folds) if fold not in unfinished]
+    if not chosen:
+        raise UsageError(f"{maps.root}: no split finished training; train first (--stages train)")
+    return chosen
 
 
 def task_record(task: Task) -> dict:

@@ -99,6 +99,9 @@ class Transfer:
         """The source model that starts our `fold` (and part network); checked for every fold before any
         record is written, so a wrong metric leaves nothing to clean up."""
         source_fold = self.source_fold(fold)
+        if not self.source.trained(source_fold):  # its best model so far is not the one it would select
+            raise UsageError(f"{self.source.fold_dir(source_fold)}: the transfer source's training of this split did "
+                             f"not finish; resume it there (--stages train --split {source_fold})")
         networks = self.source.networks(source_fold, self.metric)
         path = self.source.model(source_fold, self.metric, network if network in networks else networks[0])
         if not path.exists():

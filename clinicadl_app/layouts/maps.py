@@ -135,6 +135,14 @@ class Maps:
     def folds(self) -> list[int]:
         return sorted(int(p.name[6:]) for p in self.root.glob("split-*") if p.name[6:].isdigit())
 
+    def trained(self, fold: int, metrics: list[str] | tuple[str, ...] | None = None) -> bool:
+        """Whether this fold's training ended with its results: tmp/ (the checkpoint) goes last, so a fold
+        killed mid-way, whose best-<metric> models are only the best so far, still has it."""
+        metrics = self.selection_metrics(fold) if metrics is None else metrics
+        return (not self.tmp_dir(fold).exists() and self.training_log(fold).parent.exists() and bool(metrics)
+                and all(self.model(fold, m, n).exists() for m in metrics for n in self.networks(fold, m))
+                and all(self.metrics(fold, m, "validation", "image").exists() for m in metrics))
+
     @staticmethod
     def _network(network: int | None) -> str:
         return "" if network is None else f"network-{network}"

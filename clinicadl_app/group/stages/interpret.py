@@ -31,7 +31,7 @@ from clinicadl_app.group import map_figures
 from clinicadl_app.group.attribution import RECONSTRUCTION, RECONSTRUCTION_ERROR, image_map, vote_factors
 from clinicadl_app.group.data import ImageStore, PartDataset, image_paths, part_spec
 from clinicadl_app.group.experiment import experiment_name
-from clinicadl_app.group.models import load_selected, open_maps, same_weights, task_from_record
+from clinicadl_app.group.models import load_selected, open_maps, same_weights, task_from_record, trained_folds
 from clinicadl_app.group.results import validation_weights
 from clinicadl_app.group.runtime import Device
 from clinicadl_app.layouts.caps import KEYS, Caps
@@ -42,6 +42,7 @@ log = logging.getLogger("clinicadl_app")
 
 def run_interpret(config: Config, maps_dir: Path) -> Maps | None:
     maps, record = open_maps(config.predict.maps_dir or maps_dir / experiment_name(config))
+    folds = trained_folds(maps, config.train.folds)
     group = config.predict.group_name
     settings = config.interpret
     train = section_from(Train, record["train"])
@@ -57,6 +58,11 @@ def run_interpret(config: Config, maps_dir: Path) -> Maps | None:
             return None
         raise UsageError(f"{maps.group_data(group)}: group '{group}' was not predicted; run the predict stage first "
                          "(its leakage checks guard interpretation too)")
+    unpredicted = [fold for fold in folds if not all(maps.prediction(fold, metric, group, "image").is_file()
+                                                     for metric in maps.selection_metrics(fold))]
+    if unpredicted:
+        raise UsageError(f"{maps.root}: group '{group}' was not predicted by split-{unpredicted[0]}; run the predict "
+                         f"stage with it first (--stages predict interpret --split {' '.join(map(str, unpredicted))})")
     label = record["label"]
     text = {"participant_id": str, "session_id": str} | ({label: str} if record["task"] == "classification" else {})
     rows = pd.read_csv(maps.group_data(group), sep="\t", dtype=text)
@@ -69,7 +75,7 @@ def run_interpret(config: Config, maps_dir: Path) -> Maps | None:
     reference = _reference_image(caps, rows, extraction)
     device = Device.choose(replace(train, gpu=config.train.gpu))  # where: this job's; precision: the MAPS's
     dataset = PartDataset(store, spec, [torch.zeros(())] * len(rows), train.normalize)
-    for fold in maps.folds():
+    for fold in folds:
         task = task_from_record(json.loads(maps.group_record("train", fold).read_text())["task"])
         done: list[tuple[list, dict | None, list[int | None], str, dict[str, list[Path]]]] = []
         for metric in maps.selection_metrics(fold):

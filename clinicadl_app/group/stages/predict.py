@@ -31,7 +31,7 @@ from clinicadl_app.group.data import ImageStore, PartDataset, image_paths, part_
 from clinicadl_app.group.experiment import experiment_name, select_rows
 from clinicadl_app.group.label_table import Chosen, build_labels, chosen_images
 from clinicadl_app.group.leakage import Overlap, Seen, overlap, same_place
-from clinicadl_app.group.models import load_selected, open_maps, same_weights, task_from_record
+from clinicadl_app.group.models import load_selected, open_maps, same_weights, task_from_record, trained_folds
 from clinicadl_app.group.results import GroupResult, evaluate_group, validation_weights
 from clinicadl_app.group.runtime import Device
 from clinicadl_app.group.tasks import PART
@@ -110,6 +110,7 @@ def run_predict(config: Config, maps_dir: Path) -> Maps | None:
     settings = config.predict
     maps, record = open_maps(settings.maps_dir or maps_dir / experiment_name(config))
     check_split(maps, record)
+    folds = trained_folds(maps, config.train.folds)
     caps = Caps(config.caps_dir)
     rows, labelled, origin = group_rows(config, maps, record, caps)
     if rows.empty:
@@ -141,7 +142,7 @@ def run_predict(config: Config, maps_dir: Path) -> Maps | None:
     _record_group(maps, rows, settings.group_name, origin, leak_check, checks, caps, config)
     device = Device.choose(replace(train, gpu=config.train.gpu))  # where: this job's; precision: the MAPS's
     quality = _quality(caps, rows)
-    for fold in maps.folds():
+    for fold in folds:
         task = task_from_record(json.loads(maps.group_record("train", fold).read_text())["task"])
         known = _known_labels(task, rows, record["label"]) if labelled else pd.Series(False, index=rows.index)
         if labelled and not known.all():
