@@ -270,8 +270,9 @@ def test_a_killed_fold_is_not_predicted_exported_or_transferred_until_it_resumes
                "--stages", "train"]
     _kill_at_first_checkpoint(command, tmp_path, 1)
     maps = maps_of(tmp_path)
-    predicted = group(trivial4, tmp_path, stages=("predict", "interpret"))
+    predicted = group(trivial4, tmp_path, stages=("predict", "interpret", "report"))
     assert predicted.returncode == 0, predicted.stderr
+    assert "split-0; training did not finish: split-1" in (maps / "report.html").read_text()
     assert "training of split-1 did not finish: left out (resume with --stages train --split 1)" in predicted.stderr
     assert (maps / "split-0" / "best-loss" / "test" / "test_image_level_prediction.tsv").is_file()
     assert (maps / "split-0" / "best-loss" / "test" / "interpret-gradients").is_dir()

@@ -175,6 +175,10 @@ def write_report(maps: Maps, fingerprints: bool = False) -> Path:
         "container": _container(record.get("container")),
         "command": record.get("command_line", " ".join(record.get("command", []))),
     }
+    unfinished = [fold for fold in maps.folds() if not maps.trained(fold)]
+    summary["splits trained"] = ", ".join(f"split-{fold}" for fold in maps.folds() if fold not in unfinished) or "none"
+    if unfinished:  # their curves are shown; their best-so-far models are predicted by no stage
+        summary["splits trained"] += "; training did not finish: " + ", ".join(f"split-{f}" for f in unfinished)
     if "search" in record:  # a trial of a search: chosen on validation data among others
         summary["search"] = f"trial {record['search']['trial']} of study {record['search']['study']}"
     body = [
