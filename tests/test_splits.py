@@ -141,8 +141,25 @@ def test_existing_split_is_sealed(dataset, split_dir):
     out = split_dir.parents[1]
     changed = run_split(dataset, out, "--split_seed", "7")
     assert changed.returncode == ExitCode.USAGE and "already exists" in changed.stderr
+    assert "([split] seed 42 -> 7)" in changed.stderr, changed.stderr  # says what to undo
     same = run_split(dataset, out)
     assert same.returncode == 0
+
+
+def test_a_changed_label_is_named_when_the_sealed_split_refuses(dataset, split_dir, tmp_path):
+    """A label corrected in participants.tsv after the draw keeps the same sessions, so the labels stage accepts
+    it; the split then refuses and says that labels.tsv changed, not only that something did."""
+    bids, caps, config = dataset
+    corrected = tmp_path / "bids"
+    shutil.copytree(bids, corrected, symlinks=True)
+    table = read(bids / "participants.tsv")
+    table.loc[table.index[table.diagnosis == "AD"][0], "diagnosis"] = "CN"
+    table.to_csv(corrected / "participants.tsv", sep="\t", index=False)
+    out = tmp_path / "out"
+    shutil.copytree(split_dir.parents[1], out)
+    refused = run_app(corrected, out, "group", "--caps_dir", caps, "--config", config, "--stages", "labels", "split")
+    assert refused.returncode == ExitCode.USAGE, refused.stderr
+    assert "(labels.tsv: a label, age, sex or session date of its sessions)" in refused.stderr, refused.stderr
 
 
 def test_a_sealed_split_is_kept_not_drawn_again(dataset, split_dir, tmp_path):

@@ -16,6 +16,7 @@ from clinicadl_app import __version__
 from clinicadl_app.core.atomic import write_json, write_tsv
 from clinicadl_app.core.config import Config, Labels
 from clinicadl_app.core.errors import UsageError
+from clinicadl_app.core.provenance import differing_keys, sha256
 from clinicadl_app.group.label_table import Chosen, parse_subgroups
 from clinicadl_app.group.splitting import baseline, make_split, population, select
 from clinicadl_app.layouts.caps import KEYS
@@ -35,7 +36,7 @@ def run_split(config: Config, folder: SplitFolder) -> None:
                    "subgroups": {k: v for k, v in parse_subgroups(labels.subgroups).items()},
                    **Chosen.of(config.execution).record()},
         "split": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.__dict__.items()},
-        "labels_sha256": _sha(folder.labels),
+        "labels_sha256": sha256(folder.labels),
         "generated_by": {"name": "clinicadl-app", "version": __version__},
     }
     if folder.record.is_file():
@@ -44,9 +45,9 @@ def run_split(config: Config, folder: SplitFolder) -> None:
             k: record[k] for k in ("labels", "split", "labels_sha256")}
         if not same and not config.execution.overwrite:
             raise UsageError(
-                f"{folder.record}: this split already exists with other settings or labels; a new draw could put "
-                "subjects seen in training into the test set. Use another [labels] name, or --overwrite if no "
-                "model was trained on the old split"
+                f"{folder.record}: this split already exists with other settings or labels "
+                f"({_changes(previous, record)}); a new draw could put subjects seen in training into the test set. "
+                "Undo the change, use another [labels] name, or --overwrite if no model was trained on the old split"
             )
         if same and not config.execution.overwrite and previous.get("membership_sha256") == folder.membership_sha256():
             # kept, not drawn again: a later version that draws otherwise must not move a sealed split's subjects
@@ -88,6 +89,15 @@ def run_split(config: Config, folder: SplitFolder) -> None:
              folder.root)
 
 
+def _changes(previous: dict, record: dict) -> str:
+    """What differs from the sealed draw, as "[split] n_splits 3 -> 5", so the refusal says what to undo."""
+    found = [f"[{section}] {key} {previous.get(section, {}).get(key)!r} -> {record[section].get(key)!r}"
+             for section in ("labels", "split") for key in differing_keys(previous.get(section, {}), record[section])]
+    if previous.get("labels_sha256") != record["labels_sha256"]:
+        found.append("labels.tsv: a label, age, sex or session date of its sessions")
+    return "; ".join(found)
+
+
 def _kept_sets(folder: SplitFolder, labels: Labels) -> dict[str, pd.DataFrame]:
     return {name: folder.read(path, labels.column, labels.task) for name, path in folder.set_files().items()}
 
@@ -96,12 +106,6 @@ def _write_population(sets: dict[str, pd.DataFrame], labels: Labels, folder: Spl
     report = population(sets, labels.column, labels.task)
     write_tsv(folder.population_table, report)
     _population_figure(report, folder)
-
-
-def _sha(path) -> str:
-    from clinicadl_app.core.provenance import sha256
-
-    return sha256(path)
 
 
 def _population_figure(report: pd.DataFrame, folder: SplitFolder) -> None:
