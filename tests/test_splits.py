@@ -356,6 +356,14 @@ def test_named_sessions_are_ordered_by_their_acquisition_time(tmp_path, dated):
     assert warned != dated and (dated or "Add acq_time to sub-000_sessions.tsv" in done.stderr), done.stderr
     assert (read(folder / "labels.tsv").acq_time.notna().all()) if dated else "acq_time" not in read(
         folder / "labels.tsv")
+    if dated:  # a value that is no date is named, and its participant falls back to the label order
+        path = bids / "sub-003" / "sub-003_sessions.tsv"
+        path.write_text(path.read_text().replace("2010-02-11T09:30:00", "last spring"))
+        again = run_app(bids, tmp_path / "bad", "group", "--caps_dir", caps, "--column", "dx", "--stages", "labels")
+        assert again.returncode == 0, again.stderr
+        assert "sub-003_sessions.tsv: acq_time 'last spring' of ses-pre is not a date" in again.stderr, again.stderr
+        firsts = baseline(read(tmp_path / "bad" / "splits" / "dx" / "labels.tsv")).set_index("participant_id")
+        assert firsts.session_id["sub-003"] == "ses-post" and firsts.session_id["sub-004"] == "ses-pre"
 
 
 def test_equal_ages_are_not_compared_on_rounding_noise():

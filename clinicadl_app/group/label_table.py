@@ -267,6 +267,12 @@ def _warn_of_unordered_sessions(rows: pd.DataFrame) -> None:
     (ses-pre, ses-post) and without acq_time are ordered by name, which may put the follow-up first."""
     times = (pd.to_datetime(rows[ACQ_TIME], errors="coerce", format="ISO8601", utc=True) if ACQ_TIME in rows
              else pd.Series(pd.NaT, index=rows.index))
+    bad = rows[times.isna() & rows.get(ACQ_TIME, pd.Series(None, index=rows.index)).notna()]
+    if not bad.empty:
+        first = bad.iloc[0]
+        log.warning("%s_sessions.tsv: acq_time '%s' of %s is not a date (YYYY-MM-DDThh:mm:ss); %d such value(s), and "
+                    "their participants' sessions are ordered by label", first.participant_id, first[ACQ_TIME],
+                    first.session_id, len(bad))
     named = ~rows.session_id.astype(str).str.contains(r"\d", regex=True)
     undated = (named & times.isna()).groupby(rows.participant_id).any()
     several = rows.groupby("participant_id").size() > 1
