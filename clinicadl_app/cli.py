@@ -184,6 +184,8 @@ _READ_BY: dict[tuple[str, str], frozenset[str]] = {  # group-level settings read
     **{("train", name): frozenset({"train", "search", "predict", "interpret"})  # which folds, where: the job's
        for name in ("gpu", "folds")},
     ("train", "*"): frozenset({"train", "search"}),  # the later stages take the settings the MAPS recorded
+    **{("labels", name): frozenset({"labels"}) for name in ("age_column", "sex_column", "keep_failed_qc")},
+    **{("labels", name): frozenset({"labels", "split", "train", "search"}) for name in ("task", "subgroups")},
     ("extraction", "*"): frozenset({"train", "search"}),
     ("split", "*"): frozenset({"split"}),
     ("search", "*"): frozenset({"search"}),

@@ -160,6 +160,11 @@ def test_options_the_stages_run_do_not_read_are_named(tmp_path):
              "0.9", "--card_fingerprints", "--participant_label", "01", "--no-gpu"]  # --gpu: where the job runs
     assert sorted(unread_by_stages(group, ("predict",))) == ["--card_fingerprints", "--epochs", "--methods",
                                                             "--n_test"]
+    labels = [str(DEMO), str(tmp_path / "out"), "group", "--column", "sex", "--age_column", "age_at_scan",
+              "--keep_failed_qc", "--subgroups", "MCI=sMCI,pMCI"]  # --column names the MAPS: every stage reads it
+    assert sorted(unread_by_stages(labels, ("train",))) == ["--age_column", "--keep_failed_qc"]
+    assert sorted(unread_by_stages(labels, ("predict",))) == ["--age_column", "--keep_failed_qc", "--subgroups"]
+    assert unread_by_stages(labels, ("labels",)) == []
     assert sorted(unread_by_stages(group, ("interpret", "report"))) == ["--epochs", "--n_test", "--near_duplicate"]
     assert sorted(unread_by_stages(group, ("labels", "split"))) == [
         "--card_fingerprints", "--epochs", "--gpu", "--group_name", "--maps_dir", "--methods", "--mode",
