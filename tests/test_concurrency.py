@@ -134,7 +134,7 @@ def _run(command: list[str]) -> subprocess.CompletedProcess:
     return done
 
 
-def test_two_fold_jobs_one_killed_then_rerun_equal_a_serial_training_and_predict_runs_two_groups_at_once(
+def test_two_fold_jobs_one_killed_then_rerun_equal_a_serial_training_and_predict_jobs_run_at_once(
         trivial, tmp_path):
     serial = tmp_path / "serial"
     _run(_group(trivial, serial, "--stages", "labels", "split", "train"))
@@ -171,18 +171,19 @@ def test_two_fold_jobs_one_killed_then_rerun_equal_a_serial_training_and_predict
         assert (maps / table).read_bytes() == (reference / table).read_bytes(), table
     assert not _temporary(out)
 
-    # predict on two groups at once (the test set; everyone, training subjects waived), then one by one on a copy
+    # predict two groups at once (the test set; everyone, training subjects waived), one job per group and fold
+    # (an array of --split jobs), then one job per group, all folds, on a copy
     copy = maps.with_name(maps.name + "-copy")
     shutil.copytree(maps, copy)
     groups = {"test": [], "everyone": ["--skip_leak_check"]}
 
-    def predict(target: Path, group: str) -> list[str]:
+    def predict(target: Path, group: str, *folds: str) -> list[str]:
         return _group(trivial, out, "--stages", "predict", "--maps_dir", str(target), "--group_name", group,
-                      *groups[group])
+                      *groups[group], *(["--split", *folds] if folds else []))
 
-    both = [subprocess.Popen(predict(maps, group), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            for group in groups]
-    assert [job.wait() for job in both] == [0, 0], [job.stderr.read() for job in both]
+    jobs = [subprocess.Popen(predict(maps, group, fold), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for group in groups for fold in ("0", "1")]
+    assert [job.wait() for job in jobs] == [0] * 4, [job.stderr.read() for job in jobs]
     for group in groups:
         _run(predict(copy, group))
     tables = sorted(p.relative_to(copy) for group in groups for p in copy.glob(f"split-*/best-*/{group}/*.tsv"))
