@@ -255,8 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         if config.analysis_level == "group" and config.execution.reproduce is None:
             unread = unread_by_stages(argv, config.execution.stages)
             if unread:
-                log.warning("%s: not read by the stages run (%s), ignored; predict, interpret and report use the "
-                            "settings the MAPS recorded", ", ".join(unread), " ".join(config.execution.stages))
+                recorded = {"predict", "interpret", "report", "export"} & set(config.execution.stages)
+                log.warning("%s: not read by the stages run (%s), ignored%s", ", ".join(unread),
+                            " ".join(config.execution.stages),
+                            "; predict, interpret and report use the settings the MAPS recorded" if recorded else "")
         prepare_process(config)
         if config.analysis_level == "participant":
             from clinicadl_app.participant import run

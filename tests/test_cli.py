@@ -172,7 +172,8 @@ def test_options_the_stages_run_do_not_read_are_named(tmp_path):
     assert unread_by_stages(group, ("labels", "split", "train", "predict", "interpret", "report", "export")) == []
     done = run_app(DEMO, tmp_path / "out", "group", "--column", "sex", "--stages", "predict", "--epochs", "3")
     assert done.returncode != 0  # nothing was trained
-    assert "--epochs: not read by the stages run (predict), ignored" in done.stderr, done.stderr
+    assert "--epochs: not read by the stages run (predict), ignored; predict, interpret and report use the settings " \
+           "the MAPS recorded" in done.stderr, done.stderr
 
 
 def test_help_lists_every_section():
