@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -356,6 +357,16 @@ def test_named_sessions_are_ordered_by_their_acquisition_time(tmp_path, dated):
     assert warned != dated and (dated or "Add acq_time to sub-000_sessions.tsv" in done.stderr), done.stderr
     assert (read(folder / "labels.tsv").acq_time.notna().all()) if dated else "acq_time" not in read(
         folder / "labels.tsv")
+    if dated:  # a split sealed before labels.tsv kept acq_time (its hash without the column) is kept, not refused
+        labels = read(folder / "labels.tsv").drop(columns="acq_time")
+        record = json.loads((folder / "split.json").read_text())
+        record["labels_sha256"] = hashlib.sha256(labels.to_csv(sep="\t", index=False).encode()).hexdigest()
+        (folder / "split.json").write_text(json.dumps(record))
+        before = {p: p.read_bytes() for p in folder.rglob("*.tsv")}
+        kept = group(bids, caps, tmp_path / "out", "--column", "dx", "--n_splits", "2", "--n_test", "0.25",
+                     "--baseline_sets", "--max_attempts", "3")
+        assert kept.returncode == 0 and "split: kept as drawn" in kept.stderr, kept.stderr
+        assert {p: p.read_bytes() for p in folder.rglob("*.tsv")} == before
     if dated:  # a value that is no date is named, and its participant falls back to the label order
         path = bids / "sub-003" / "sub-003_sessions.tsv"
         path.write_text(path.read_text().replace("2010-02-11T09:30:00", "last spring"))

@@ -6,6 +6,7 @@ is then refused by its membership hash (train and predict).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -19,6 +20,7 @@ from clinicadl_app.core.errors import UsageError
 from clinicadl_app.core.provenance import differing_keys, sha256
 from clinicadl_app.group.label_table import Chosen, parse_subgroups
 from clinicadl_app.group.splitting import baseline, make_split, population, select
+from clinicadl_app.layouts.bids import ACQ_TIME
 from clinicadl_app.layouts.caps import KEYS
 from clinicadl_app.layouts.splits import SplitFolder
 
@@ -41,6 +43,8 @@ def run_split(config: Config, folder: SplitFolder) -> None:
     }
     if folder.record.is_file():
         previous = json.loads(folder.record.read_text())
+        if previous.get("labels_sha256") == _sha256_without_acq_time(folder.labels):
+            record["labels_sha256"] = previous["labels_sha256"]  # drawn before labels.tsv kept acq_time
         same = {k: previous.get(k) for k in ("labels", "split", "labels_sha256")} == {
             k: record[k] for k in ("labels", "split", "labels_sha256")}
         if not same and not config.execution.overwrite:
@@ -87,6 +91,15 @@ def run_split(config: Config, folder: SplitFolder) -> None:
     log.info("split: %d test participants (%d images) and %d training (%d images), %d fold(s); files in %s",
              test.participant_id.nunique(), len(test), train.participant_id.nunique(), len(train), len(result.folds),
              folder.root)
+
+
+def _sha256_without_acq_time(path) -> str | None:
+    """The hash labels.tsv had before it kept the sessions' acq_time (0.2.0): a split sealed then, with the same
+    labels, is kept like any other, not refused for a column it never read."""
+    table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    if ACQ_TIME not in table:
+        return None
+    return hashlib.sha256(table.drop(columns=ACQ_TIME).to_csv(sep="\t", index=False, na_rep="n/a").encode()).hexdigest()
 
 
 def _changes(previous: dict, record: dict) -> str:
