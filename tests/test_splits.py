@@ -436,6 +436,8 @@ def test_a_numeric_column_taken_as_classes_says_how_to_regress(dataset, tmp_path
     assert "column 'age' holds" in done.stderr and "give --task regression" in done.stderr
     regression = group(bids, caps, tmp_path / "r", "--column", "age", "--task", "regression", "--n_splits", "0")
     assert regression.returncode == 0 and "give --task regression" not in regression.stderr, regression.stderr
+    ages = pd.read_csv(bids / "participants.tsv", sep="\t").age
+    assert f"kept (age {ages.min():g} to {ages.max():g}, mean " in regression.stderr, regression.stderr
 
 
 def test_too_few_subjects_for_the_folds(dataset, tmp_path):

@@ -24,11 +24,12 @@ def run_labels(config: Config, folder: SplitFolder) -> None:
     _refuse_if_sealed(folder, folder.labels, table.rows, config)
     write_tsv(folder.labels, table.rows)
     write_tsv(folder.dropped, table.dropped)
-    counts = (table.rows.groupby(table.column).size().to_dict() if table.task == "classification"
-              else {"sessions": len(table.rows)})
+    values = table.rows[table.column]
+    counts = (", ".join(f"{k} {v}" for k, v in table.rows.groupby(table.column).size().items())
+              if table.task == "classification" else f"{table.column} {values.min():g} to {values.max():g}, "
+              f"mean {values.mean():.4g}")
     log.info("labels: %d sessions of %d participants kept (%s); %d dropped (see %s)",
-             len(table.rows), table.rows.participant_id.nunique(),
-             ", ".join(f"{k} {v}" for k, v in counts.items()), len(table.dropped), folder.dropped)
+             len(table.rows), table.rows.participant_id.nunique(), counts, len(table.dropped), folder.dropped)
     for reason, group in table.dropped.groupby("reason"):
         log.info("  dropped %d: %s", len(group), reason)
 
