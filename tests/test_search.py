@@ -20,7 +20,8 @@ from clinicadl_app.core.config import Config, Search
 from clinicadl_app.core.errors import ExitCode
 from clinicadl_app.generate import Trivial, generate_trivial
 from clinicadl_app.group.search_space import parse_space
-from clinicadl_app.group.stages.search import _sampler
+from clinicadl_app.group.stages.search import _sampler, drop_weights
+from clinicadl_app.layouts.maps import Maps
 
 from .conftest import ROOT, run_app, source_brains, subset_caps
 
@@ -215,6 +216,26 @@ def test_tpe_on_a_database_minimising_the_loss_with_pruning(data, tmp_path):
         assert len(trial.intermediate_values) >= 1  # every evaluation is reported to the pruner
     record = json.loads((folder / complete.maps.iloc[0] / "maps.json").read_text())["train"]
     assert (record["d_reduction"], record["network_normalization"]) == ("stride", "GroupNorm")
+
+
+def test_a_pruned_trial_keeps_its_curve_and_drops_its_weights(data, tmp_path):
+    """What the search does to a pruned trial's MAPS (a real one, trained on one fold and left as a prune leaves
+    it: checkpoint and best-so-far models): no weight file remains, the training log does, and no stage takes it
+    for a trained model."""
+    root, out = data
+    copy = tmp_path / "out"
+    shutil.copytree(out / "splits", copy / "splits")
+    done = command(root, copy, "--stages", "search", "--n_trials", "1", "--split", "0")
+    assert done.returncode == 0, done.stderr
+    maps = Maps(copy / "search" / "diagnosis" / "trial-0")
+    (maps.tmp_dir(0) / "checkpoint.pth.tar").parent.mkdir()
+    shutil.copy(maps.model(0, maps.selection_metrics(0)[0]), maps.tmp_dir(0) / "checkpoint.pth.tar")  # as pruned
+    assert maps.trained(0) is False and list(maps.root.rglob("*.pth.tar"))
+    drop_weights(maps)
+    assert not list(maps.root.rglob("*.pth.tar")) and maps.training_log(0).is_file() and maps.record.is_file()
+    assert maps.trained(0) is False
+    refused = command(root, copy, "--stages", "predict", "--maps_dir", maps.root)
+    assert refused.returncode == ExitCode.USAGE and "did not finish" in refused.stderr, refused.stderr
 
 
 def test_a_study_is_refused_on_a_redrawn_split(data, tmp_path):
