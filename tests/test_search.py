@@ -20,7 +20,7 @@ from clinicadl_app.core.config import Config, Search
 from clinicadl_app.core.errors import ExitCode
 from clinicadl_app.generate import Trivial, generate_trivial
 from clinicadl_app.group.search_space import parse_space
-from clinicadl_app.group.stages.search import _sampler, drop_weights
+from clinicadl_app.group.stages.search import _sampler
 from clinicadl_app.layouts.maps import Maps
 
 from .conftest import ROOT, run_app, source_brains, subset_caps
@@ -218,24 +218,29 @@ def test_tpe_on_a_database_minimising_the_loss_with_pruning(data, tmp_path):
     assert (record["d_reduction"], record["network_normalization"]) == ("stride", "GroupNorm")
 
 
-def test_a_pruned_trial_keeps_its_curve_and_drops_its_weights(data, tmp_path):
-    """What the search does to a pruned trial's MAPS (a real one, trained on one fold and left as a prune leaves
-    it: checkpoint and best-so-far models): no weight file remains, the training log does, and no stage takes it
-    for a trained model."""
+def test_pruned_trials_keep_their_curve_and_drop_their_weights(data, tmp_path):
+    """A real median pruner (5 complete trials first, then learning rates from 1e-6 to 1e-2): the trials it stops
+    keep their training log and lose their checkpoint and best-so-far models, and no stage takes them for
+    trained models; complete trials keep theirs."""
     root, out = data
+    (root / "prune.toml").write_text(BASE + "deterministic = true\n[search]\nstudy = \"pruned\"\nseed = 3\n"
+                                     "pruning = true\nobjective = \"loss\"\nlearning_rate = {exponent = [2, 6]}\n"
+                                     "dropout = {uniform = [0.0, 0.9]}\n")
     copy = tmp_path / "out"
     shutil.copytree(out / "splits", copy / "splits")
-    done = command(root, copy, "--stages", "search", "--n_trials", "1", "--split", "0")
+    done = command(root, copy, "--stages", "search", "--n_trials", "10", "--split", "0", "--epochs", "3",
+                   config="prune.toml")
     assert done.returncode == 0, done.stderr
-    maps = Maps(copy / "search" / "diagnosis" / "trial-0")
-    (maps.tmp_dir(0) / "checkpoint.pth.tar").parent.mkdir()
-    shutil.copy(maps.model(0, maps.selection_metrics(0)[0]), maps.tmp_dir(0) / "checkpoint.pth.tar")  # as pruned
-    assert maps.trained(0) is False and list(maps.root.rglob("*.pth.tar"))
-    drop_weights(maps)
-    assert not list(maps.root.rglob("*.pth.tar")) and maps.training_log(0).is_file() and maps.record.is_file()
-    assert maps.trained(0) is False
-    refused = command(root, copy, "--stages", "predict", "--maps_dir", maps.root)
-    assert refused.returncode == ExitCode.USAGE and "did not finish" in refused.stderr, refused.stderr
+    trials = trials_of(copy, "pruned")
+    pruned = trials[trials.state == "PRUNED"].number.tolist()
+    assert pruned and (trials.state == "COMPLETE").sum() >= 5, trials
+    folder = copy / "search" / "pruned"
+    for number in trials.number:
+        maps = Maps(folder / f"trial-{number}")
+        assert maps.training_log(0).is_file()
+        assert bool(list(maps.root.rglob("*.pth.tar"))) == (number not in pruned) == maps.trained(0), number
+    refused = command(root, copy, "--stages", "predict", "--maps_dir", folder / f"trial-{pruned[0]}")
+    assert refused.returncode == ExitCode.USAGE and "no split finished training" in refused.stderr, refused.stderr
 
 
 def test_a_study_is_refused_on_a_redrawn_split(data, tmp_path):

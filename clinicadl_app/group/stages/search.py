@@ -183,7 +183,7 @@ def _run_trial(study: optuna.Study, search: SearchFolder, config: Config, folder
         except optuna.TrialPruned:
             trial.set_user_attr("seconds", round(time.monotonic() - start, 1))
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            drop_weights(maps)
+            _drop_weights(maps)
             log.info("search: trial %d pruned (its training log kept, its weights removed)", trial.number)
             return None
         except AppError as error:  # e.g. an architecture that does not fit this input: this trial only
@@ -212,7 +212,7 @@ def _record_trial(maps: Maps, search: SearchFolder, number: int, objective: str,
         write_json(maps.record, record)
 
 
-def drop_weights(maps: Maps) -> None:
+def _drop_weights(maps: Maps) -> None:
     """A pruned trial is never resumed or predicted: its checkpoint (the weights and the optimiser's moments) and
     best-so-far models would only fill the disk, ~0.8 GB a trial of Conv5_FC3 at 1 mm. Its curve stays."""
     for fold in maps.folds():
