@@ -240,7 +240,8 @@ def test_pruned_trials_keep_their_curve_and_drop_their_weights(data, tmp_path):
         assert maps.training_log(0).is_file()
         assert bool(list(maps.root.rglob("*.pth.tar"))) == (number not in pruned) == maps.trained(0), number
     refused = command(root, copy, "--stages", "predict", "--maps_dir", folder / f"trial-{pruned[0]}")
-    assert refused.returncode == ExitCode.USAGE and "no split finished training" in refused.stderr, refused.stderr
+    assert refused.returncode == ExitCode.USAGE and "no split finished training; a pruned or stopped search trial: " \
+        "choose a complete one" in refused.stderr, refused.stderr
 
 
 def test_a_study_is_refused_on_a_redrawn_split(data, tmp_path):

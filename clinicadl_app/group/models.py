@@ -20,6 +20,7 @@ from clinicadl_app.group.networks import ArchitectureError, PretrainedWeightsErr
 from clinicadl_app.group.runtime import Device
 from clinicadl_app.group.tasks import Classification, Reconstruction, Regression, Task
 from clinicadl_app.layouts.maps import Maps
+from clinicadl_app.layouts.search import SearchFolder
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +72,23 @@ def trained_folds(maps: Maps, asked: tuple[int, ...] = ()) -> list[int]:
         raise UsageError(f"{maps.root}: no split {', '.join(map(str, unknown))}; this MAPS has "
                          f"{', '.join(f'split-{fold}' for fold in folds) or 'none'}; check --split")
     unfinished = [fold for fold in (asked or folds) if not maps.trained(fold)]
-    resume = f"resume with --stages train --split {' '.join(map(str, unfinished))}"
+    trial = SearchFolder(maps.root.parent).space.is_file()  # a trial's MAPS lies in its study's folder
+    resume = ("a pruned or stopped search trial: choose a complete one (best.json names the best)" if trial
+              else f"resume with --stages train --split {' '.join(map(str, unfinished))}")
     if asked and unfinished:
         raise UsageError(f"{maps.root}: training of split-{unfinished[0]} did not finish; {resume}")
-    if unfinished:
+    if unfinished and (maps.root, tuple(unfinished)) not in _WARNED:  # once, though predict and interpret ask
+        _WARNED.add((maps.root, tuple(unfinished)))
         log.warning("%s: training of %s did not finish: left out (%s)", maps.root,
                     ", ".join(f"split-{fold}" for fold in unfinished), resume)
     chosen = [fold for fold in (asked or folds) if fold not in unfinished]
     if not chosen:
-        raise UsageError(f"{maps.root}: no split finished training; train first (--stages train)")
+        raise UsageError(f"{maps.root}: no split finished training; "
+                         + (resume if trial else "train first (--stages train)"))
     return chosen
+
+
+_WARNED: set[tuple[Path, tuple[int, ...]]] = set()
 
 
 def task_record(task: Task) -> dict:
