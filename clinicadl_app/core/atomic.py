@@ -90,9 +90,14 @@ def write_json(path: Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
+def tsv_text(table: pd.DataFrame) -> str:
+    """The text write_tsv writes: one format, so a hash of a table can be compared with a written file's."""
+    return table.to_csv(sep="\t", index=False, na_rep="n/a")
+
+
 def write_tsv(path: Path, table: pd.DataFrame) -> None:
     with atomic_path(path) as tmp:
-        table.to_csv(tmp, sep="\t", index=False, na_rep="n/a")
+        tmp.write_bytes(tsv_text(table).encode())
 
 
 def check_writable(folder: Path, what: str, fix: str) -> None:

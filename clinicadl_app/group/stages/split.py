@@ -14,7 +14,7 @@ import shutil
 import pandas as pd
 
 from clinicadl_app import __version__
-from clinicadl_app.core.atomic import write_json, write_tsv
+from clinicadl_app.core.atomic import tsv_text, write_json, write_tsv
 from clinicadl_app.core.config import Config, Labels
 from clinicadl_app.core.errors import UsageError
 from clinicadl_app.core.provenance import differing_keys, sha256
@@ -99,7 +99,7 @@ def _sha256_without_acq_time(path) -> str | None:
     table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
     if ACQ_TIME not in table:
         return None
-    return hashlib.sha256(table.drop(columns=ACQ_TIME).to_csv(sep="\t", index=False, na_rep="n/a").encode()).hexdigest()
+    return hashlib.sha256(tsv_text(table.drop(columns=ACQ_TIME)).encode()).hexdigest()
 
 
 def _changes(previous: dict, record: dict) -> str:
