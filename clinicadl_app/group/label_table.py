@@ -15,7 +15,7 @@ import pandas as pd
 
 from clinicadl_app.core.config import Execution, Labels
 from clinicadl_app.core.errors import MissingInputError, NoDataError, UsageError
-from clinicadl_app.layouts.bids import ACQ_TIME, SESSIONLESS, normalise_labels
+from clinicadl_app.layouts.bids import ACQ_TIME, SESSIONLESS, acq_times, normalise_labels
 from clinicadl_app.layouts.caps import KEYS, Caps, session_order
 
 log = logging.getLogger(__name__)
@@ -265,8 +265,7 @@ def build_labels(bids_dir: Path, caps: Caps, settings: Labels, every_class: bool
 def _warn_of_unordered_sessions(rows: pd.DataFrame) -> None:
     """A participant's first session sets its stratum and its baseline row; sessions named without a number
     (ses-pre, ses-post) and without acq_time are ordered by name, which may put the follow-up first."""
-    times = (pd.to_datetime(rows[ACQ_TIME], errors="coerce", format="ISO8601", utc=True) if ACQ_TIME in rows
-             else pd.Series(pd.NaT, index=rows.index))
+    times = acq_times(rows[ACQ_TIME]) if ACQ_TIME in rows else pd.Series(pd.NaT, index=rows.index)
     bad = rows[times.isna() & rows.get(ACQ_TIME, pd.Series(None, index=rows.index)).notna()]
     if not bad.empty:
         first = bad.iloc[0]

@@ -22,7 +22,7 @@ from scipy import special, stats
 
 from clinicadl_app.core.config import Split
 from clinicadl_app.core.errors import UsageError
-from clinicadl_app.layouts.bids import ACQ_TIME
+from clinicadl_app.layouts.bids import ACQ_TIME, acq_times
 from clinicadl_app.layouts.caps import KEYS, session_order
 
 log = logging.getLogger(__name__)
@@ -253,7 +253,7 @@ def in_session_order(rows: pd.DataFrame) -> pd.DataFrame:
     keys = rows[KEYS].reset_index(drop=True)
     keys["session_id"] = keys.session_id.astype(str).map(session_order)
     if ACQ_TIME in rows:
-        times = pd.to_datetime(rows[ACQ_TIME].reset_index(drop=True), errors="coerce", format="ISO8601", utc=True)
+        times = acq_times(rows[ACQ_TIME].reset_index(drop=True))
         complete = times.notna().groupby(keys.participant_id).transform("all")
         keys[ACQ_TIME] = times.where(complete).fillna(pd.Timestamp(0, tz="UTC"))
     columns = ["participant_id", *([ACQ_TIME] if ACQ_TIME in keys else []), "session_id"]

@@ -23,6 +23,13 @@ SESSIONLESS = "M000"
 ACQ_TIME = "acq_time"
 """The sessions.tsv column that dates a session (BIDS: YYYY-MM-DDThh:mm:ss); it orders named sessions."""
 
+
+def acq_times(values):
+    """acq_time values as UTC timestamps (a time without zone is taken as UTC); NaT where missing or not a date."""
+    import pandas as pd  # here: the participant level reads this module and needs no pandas for it
+
+    return pd.to_datetime(values, errors="coerce", format="ISO8601", utc=True)
+
 _LABEL = re.compile(r"^[A-Za-z0-9]+$")
 _NAMING_ENTITIES = ("acquisition", "ceagent", "reconstruction", "run")
 _ENTITY_KEYS = {"acquisition": "acq", "ceagent": "ce", "reconstruction": "rec", "run": "run"}

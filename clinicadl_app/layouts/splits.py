@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from clinicadl_app.layouts.bids import ACQ_TIME
 from clinicadl_app.layouts.caps import KEYS
 
 
@@ -68,5 +69,5 @@ class SplitFolder:
 
     def read(self, path: Path, column: str, task: str) -> pd.DataFrame:
         dtypes = {"participant_id": str, "session_id": str, column: str if task == "classification" else float}
-        dtypes.update({extra: str for extra in ("sex", "acq_time") if extra != column})
+        dtypes.update({extra: str for extra in ("sex", ACQ_TIME) if extra != column})
         return pd.read_csv(path, sep="\t", dtype=dtypes, na_values=["n/a"], keep_default_na=False)
