@@ -207,6 +207,13 @@ def unread_by_stages(argv: list[str] | None, stages: tuple[str, ...]) -> list[st
             & set(stages)]
 
 
+def unread_with_folds(argv: list[str] | None, config: Config) -> list[str]:
+    """--n_validation with k folds, where the folds choose the validation subjects: dropped without a word, it
+    would let a researcher believe a validation size was applied."""
+    given = _given(build_parser().parse_args(argv)).get("split", {})
+    return ["--n_validation"] if "n_validation" in given and config.split.n_splits >= 2 else []
+
+
 def prepare_process(config: Config) -> None:
     """Threads follow --n_cpus; temporary files go to the work folder when the system's are not writable
     (a container run with --read-only, where only OUTPUT_DIR and -w WORK_DIR are)."""
@@ -259,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
                 log.warning("%s: not read by the stages run (%s), ignored%s", ", ".join(unread),
                             " ".join(config.execution.stages),
                             "; predict, interpret and report use the settings the MAPS recorded" if recorded else "")
+            if "split" in config.execution.stages and unread_with_folds(argv, config):
+                log.warning("--n_validation: read with --n_splits 0 only; the %d folds choose the validation "
+                            "subjects, ignored", config.split.n_splits)
         prepare_process(config)
         if config.analysis_level == "participant":
             from clinicadl_app.participant import run

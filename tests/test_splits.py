@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -256,6 +257,9 @@ def test_split_invariants(rows, n_splits, n_test, seed):
     try:
         result = make_split(rows, "dx", "classification", config)
     except UsageError as error:
+        if "rounds to no test subject" in error.message:  # a fraction of so few subjects that it holds none out
+            assert held == 0 < n_test
+            return
         # refused only when some class cannot give every fold a subject once the test set is drawn
         assert "too few" in error.message or "left after" in error.message
         assert n_splits >= 2 and (subjects_per_class - held).min() < n_splits, (subjects_per_class, held)
@@ -438,6 +442,29 @@ def test_a_numeric_column_taken_as_classes_says_how_to_regress(dataset, tmp_path
     assert regression.returncode == 0 and "give --task regression" not in regression.stderr, regression.stderr
     ages = pd.read_csv(bids / "participants.tsv", sep="\t").age
     assert f"kept (age {ages.min():g} to {ages.max():g}, mean " in regression.stderr, regression.stderr
+
+
+def test_a_set_size_that_is_no_count_of_subjects_or_leaves_none_to_train_is_refused(dataset, tmp_path):
+    """1.5 subjects, a test set of everyone, 1 % of 24 subjects: each used to pass (rounded, or refused as
+    "asks for 24 subjects but only 24 are available"); --n_validation beside folds was dropped in silence."""
+    with pytest.raises(ValueError, match="n_test 1.5: give a fraction below 1 or a whole number"):
+        Split(n_test=1.5)
+    rows = pd.DataFrame({"participant_id": [f"sub-{i:02d}" for i in range(24)], "session_id": "ses-M000",
+                         "dx": ["AD", "CN"] * 12})
+    for asked, message in (
+            (Split(n_test=24), "n_test 24 asks for 24 test subjects of the 24, which leaves none to train on"),
+            (Split(n_test=0.99), "n_test 0.99 asks for 24 test subjects of the 24"),
+            (Split(n_test=0.01), "n_test 0.01 of 24 subjects rounds to no test subject; raise n_test (or 0 for"),
+            (Split(n_test=4, n_splits=0, n_validation=20),
+             "n_validation 20 asks for 20 validation subjects of the 20 left after the test set")):
+        with pytest.raises(UsageError, match=re.escape(message)):
+            make_split(rows, "dx", "classification", asked)
+    bids, caps, _ = dataset
+    folds = group(bids, caps, tmp_path / "folds", "--column", "diagnosis", "--n_splits", "2", "--n_validation", "3")
+    assert folds.returncode == 0, folds.stderr
+    assert "--n_validation: read with --n_splits 0 only; the 2 folds choose the validation subjects" in folds.stderr
+    single = group(bids, caps, tmp_path / "single", "--column", "diagnosis", "--n_splits", "0", "--n_validation", "3")
+    assert single.returncode == 0 and "--n_validation" not in single.stderr, single.stderr
 
 
 def test_too_few_subjects_for_the_folds(dataset, tmp_path):

@@ -177,6 +177,10 @@ class Split:
     def __post_init__(self) -> None:
         if self.n_test < 0 or self.n_validation <= 0:
             raise ValueError("--n_test must be >= 0 and --n_validation > 0")
+        for name in ("n_test", "n_validation"):
+            amount = getattr(self, name)
+            if amount >= 1 and amount != int(amount):  # 1.5: neither a fraction nor a count of subjects
+                raise ValueError(f"--{name} {amount:g}: give a fraction below 1 or a whole number of subjects")
         if self.n_splits == 1 or self.n_splits < 0:
             raise ValueError("--n_splits must be 0 (one validation split) or at least 2")
         if not (0 <= self.p_age <= 1 and 0 <= self.p_sex <= 1):

@@ -86,12 +86,17 @@ def subject_table(rows: pd.DataFrame, column: str, task: str, bins: int) -> pd.D
     return subjects
 
 
-def _quota(sizes: pd.Series, amount: float) -> pd.Series:
+def _quota(sizes: pd.Series, amount: float, name: str) -> pd.Series:
     """Subjects to draw from each stratum: the total (a fraction or a count) shared out proportionally, so that
     rounding in each small stratum does not add up to a much larger or smaller set than asked."""
     total = int(round(amount * sizes.sum())) if amount < 1 else int(round(amount))
     if total >= sizes.sum():
-        raise UsageError(f"[split] asks for {total} subjects but only {int(sizes.sum())} are available")
+        among = "" if name == "test" else " left after the test set"
+        raise UsageError(f"[split] n_{name} {amount:g} asks for {total} {name} subjects of the {int(sizes.sum())}"
+                         f"{among}, which leaves none to train on; lower n_{name} or add subjects")
+    if total == 0:
+        raise UsageError(f"[split] n_{name} {amount:g} of {int(sizes.sum())} subjects rounds to no {name} subject; "
+                         f"raise n_{name}" + (" (or 0 for no test set)" if name == "test" else ""))
     exact = sizes / sizes.sum() * total
     quota = np.floor(exact).astype(int)
     remainder = (exact - quota).sort_values(ascending=False, kind="stable")
@@ -176,7 +181,7 @@ def _hold_out(subjects: pd.DataFrame, amount: float, settings: Split, rng: np.ra
               name: str) -> tuple[np.ndarray, Draw]:
     """A stratified draw of `amount` subjects (a boolean mask)."""
     sizes = subjects.groupby("stratum", sort=True).size()
-    quota = _quota(sizes, amount)
+    quota = _quota(sizes, amount, name)
     positions = {s: np.flatnonzero(subjects.stratum.values == s) for s in sizes.index}
 
     def draw() -> np.ndarray:
