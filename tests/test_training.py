@@ -263,8 +263,9 @@ def test_a_killed_fold_is_not_predicted_exported_or_transferred_until_it_resumes
     """The best models of a training killed at its first epoch are only the best so far: predict and interpret
     leave that fold out with a warning (refuse it when asked by --split), export and transfer refuse it, and
     after the resume it is predicted like the other."""
-    trained = group(trivial4, tmp_path, "--split", "0", "--epochs", "3")
+    trained = group(trivial4, tmp_path, "--split", "0", "--epochs", "3", stages=("labels", "split", "train", "report"))
     assert trained.returncode == 0, trained.stderr
+    assert "split-0; not trained, of the split&#x27;s 2: split-1" in (maps_of(tmp_path) / "report.html").read_text()
     command = [sys.executable, str(ROOT / "run.py"), str(trivial4 / "bids"), str(tmp_path), "group", "--caps_dir",
                str(trivial4 / "caps"), "--config", str(trivial4 / "experiment.toml"), "--split", "1", "--epochs", "3",
                "--stages", "train"]
