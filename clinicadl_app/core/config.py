@@ -177,8 +177,7 @@ class Split:
     def __post_init__(self) -> None:
         if self.n_test < 0 or self.n_validation <= 0:
             raise ValueError("--n_test must be >= 0 and --n_validation > 0")
-        for name in ("n_test", "n_validation"):
-            amount = getattr(self, name)
+        for name, amount in (("n_test", self.n_test), ("n_validation", self.n_validation)):
             if amount >= 1 and amount != int(amount):  # 1.5: neither a fraction nor a count of subjects
                 raise ValueError(f"--{name} {amount:g}: give a fraction below 1 or a whole number of subjects")
         if self.n_splits == 1 or self.n_splits < 0:
@@ -367,17 +366,8 @@ class Config:
     export: Export = field(default_factory=Export)
 
     SECTIONS: ClassVar[dict[str, type]] = {
-        "execution": Execution,
-        "preprocessing": Preprocessing,
-        "extraction": Extraction,
-        "labels": Labels,
-        "split": Split,
-        "train": Train,
-        "predict": Predict,
-        "interpret": Interpret,
-        "search": Search,
-        "export": Export,
-    }
+        "execution": Execution, "preprocessing": Preprocessing, "extraction": Extraction, "labels": Labels,
+        "split": Split, "train": Train, "predict": Predict, "interpret": Interpret, "search": Search, "export": Export}
 
     @property
     def caps_dir(self) -> Path:
