@@ -66,9 +66,8 @@ step "group level, read-only"
 # on the t1-linear images of the twelve demo participants at 2 mm (tests/data/caps2mm, a copy the image may write
 # tensors into): the stages in the image are what this step proves; the participant level above made the CAPS
 # format, and registering ten more participants here would triple this test's time
-mkdir -p "$WORK/caps"
-cp -rL "$ROOT/tests/data/caps2mm/subjects" "$WORK/caps/"
-rm -rf "$WORK/caps/subjects/sub-child"* "$WORK/caps/subjects/sub-chris"
+mkdir -p "$WORK/caps/subjects"
+cp -rL "$ROOT/tests/data/caps2mm/subjects/sub-IXI"* "$WORK/caps/subjects/"
 chmod -R a+rwX "$WORK/caps"
 cat >"$WORK/experiment.toml" <<'TOML'
 [labels]

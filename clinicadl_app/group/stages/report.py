@@ -175,12 +175,13 @@ def write_report(maps: Maps, fingerprints: bool = False) -> Path:
         "container": _container(record.get("container")),
         "command": record.get("command_line", " ".join(record.get("command", []))),
     }
-    unfinished = [fold for fold in maps.folds() if not maps.trained(fold)]
-    summary["splits trained"] = ", ".join(f"split-{fold}" for fold in maps.folds() if fold not in unfinished) or "none"
+    folds = maps.folds()
+    unfinished = [fold for fold in folds if not maps.trained(fold)]
+    summary["splits trained"] = ", ".join(f"split-{fold}" for fold in folds if fold not in unfinished) or "none"
     if unfinished:  # their curves are shown; their best-so-far models are predicted by no stage
         summary["splits trained"] += "; training did not finish: " + ", ".join(f"split-{f}" for f in unfinished)
     drawn = range(record["split"]["split"]["n_splits"] or 1)
-    untrained = [fold for fold in drawn if fold not in maps.folds()]
+    untrained = [fold for fold in drawn if fold not in folds]
     if untrained:  # the means over folds are over fewer folds than the split has: a researcher must see it
         summary["splits trained"] += (f"; not trained, of the split's {len(drawn)}: "
                                       + ", ".join(f"split-{fold}" for fold in untrained))
